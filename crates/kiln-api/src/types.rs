@@ -1,0 +1,181 @@
+//! Request and response bodies.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use kiln_types::event::{Driver, ReleaseState};
+use kiln_types::{
+    AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, MiB, MilliCpu, OrgId, ReleaseId,
+    UnixMillis, WorkloadSpec,
+};
+
+/// Header carrying the idempotency key of a mutating request.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Header carrying the request id on every response.
+pub const REQUEST_ID: &str = "x-request-id";
+/// Media type of error bodies (RFC 9457).
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An error body (`application/problem+json`). `code` is stable and documented; `detail` is for
+/// people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    #[serde(rename = "type", default = "about_blank")]
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Extra structured data, e.g. manifest problems with line and column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+fn about_blank() -> String {
+    "about:blank".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateApp {
+    pub name: AppName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    pub id: AppId,
+    pub org_id: OrgId,
+    pub name: AppName,
+    pub hostname: String,
+    pub created_at: UnixMillis,
+    pub latest_version: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateRelease {
+    /// Image reference (tag or digest); overrides the manifest's `image`.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The `kiln.toml` source text.
+    pub manifest: String,
+    /// File name used in error messages.
+    #[serde(default)]
+    pub manifest_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub id: ReleaseId,
+    pub app_id: AppId,
+    pub version: u64,
+    pub image_input: String,
+    pub image: ImageRef,
+    pub state: ReleaseState,
+    pub reason: Option<String>,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: InstanceId,
+    pub release_version: u64,
+    pub host_id: HostId,
+    pub process: String,
+    pub state: InstanceState,
+    pub reason: Option<String>,
+    pub ipv6: std::net::Ipv6Addr,
+    pub desired_running: bool,
+    pub updated_at: UnixMillis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub app: App,
+    /// The release currently serving (the latest healthy one), if any.
+    pub current: Option<Release>,
+    /// Every release, oldest first.
+    pub releases: Vec<Release>,
+    /// Instances not yet stopped, plus recently failed ones.
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterHost {
+    pub name: String,
+    pub driver: Driver,
+    pub cpu: MilliCpu,
+    pub memory: MiB,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRegistration {
+    pub host_id: HostId,
+    /// Index in the overlay address plan; the host's subnet is derived from it.
+    pub index: u16,
+}
+
+/// One workload assigned to a host and whether it should run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub spec: WorkloadSpec,
+    pub desired_running: bool,
+    pub state: InstanceState,
+}
+
+/// Everything assigned to a host, as of log sequence `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignments {
+    pub seq: u64,
+    pub assignments: Vec<Assignment>,
+}
+
+/// An agent's report about one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceReport {
+    pub state: InstanceState,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// One hostname the edge routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub hostname: String,
+    pub app: AppName,
+    pub proxy_protocol: bool,
+    /// Healthy backends (instance address and internal port).
+    pub backends: Vec<SocketAddr>,
+}
+
+/// The edge's route table, as of log sequence `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTable {
+    pub seq: u64,
+    pub routes: Vec<Route>,
+}
+
+/// Query of long-polling endpoints: answer as soon as the state is newer than `after`, or after
+/// `wait_ms` with the current state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WatchQuery {
+    #[serde(default)]
+    pub after: Option<u64>,
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+/// Information about the caller's token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub org_id: OrgId,
+    pub token_name: String,
+    pub scopes: Vec<String>,
+}
+
+/// Labels for a `kiln status` table.
+pub type Labels = BTreeMap<String, String>;

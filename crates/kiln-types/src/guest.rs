@@ -1,0 +1,34 @@
+//! What the agent hands `kiln-init` inside an instance.
+//!
+//! The agent writes a [`RunConfig`] as JSON to [`RUN_CONFIG_PATH`] inside the instance before boot;
+//! kiln-init reads it as PID 1. It is resolved already: the image's entrypoint, cmd, env, workdir and
+//! user merged with the manifest's overrides, so init needs no knowledge of OCI or manifests.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Where kiln-init finds its run configuration inside the instance.
+pub const RUN_CONFIG_PATH: &str = "/.kiln/run.json";
+/// Where the kiln-init binary is placed inside the instance.
+pub const INIT_PATH: &str = "/.kiln/init";
+
+/// Everything kiln-init needs to start the app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// argv of the app process; argv[0] is resolved against `PATH` in `env` when it has no '/'.
+    pub argv: Vec<String>,
+    /// Complete environment of the app process.
+    pub env: BTreeMap<String, String>,
+    /// Working directory ("/" when the image sets none).
+    pub workdir: String,
+    /// Numeric uid and gid to run as.
+    pub uid: u32,
+    pub gid: u32,
+    /// The instance's hostname.
+    pub hostname: String,
+    /// Signal name sent to the app on stop (SIGTERM unless the manifest says otherwise).
+    pub stop_signal: String,
+    /// Milliseconds between the stop signal and SIGKILL.
+    pub stop_timeout_ms: u64,
+}

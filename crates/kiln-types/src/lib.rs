@@ -1,0 +1,35 @@
+//! Kiln's shared vocabulary.
+//!
+//! This crate owns the types every other Kiln crate speaks: typed identifiers ([`AppId`], [`HostId`],
+//! ...), units ([`MiB`], [`MilliCpu`]), validated names ([`AppName`]), the scheduler-to-agent contract
+//! ([`WorkloadSpec`]), the event catalog ([`event::Event`]) and the files that cross into an instance
+//! ([`guest::RunConfig`]).
+//!
+//! It deliberately does no I/O and depends on no other Kiln crate, so that the guest init, the
+//! scheduler and the wire types can all use it without pulling in a runtime.
+
+pub mod event;
+pub mod guest;
+pub mod id;
+pub mod name;
+pub mod net;
+pub mod units;
+pub mod workload;
+
+pub use id::{AppId, HostId, InstanceId, OrgId, ReleaseId, TokenId};
+pub use name::{AppName, NameError};
+pub use units::{MiB, MilliCpu};
+pub use workload::{
+    ImageRef, InstanceState, ServiceProtocol, ServiceSpec, StopSpec, WorkloadSpec, WORKLOAD_SPEC_VERSION,
+};
+
+/// Milliseconds since the Unix epoch; the one timestamp representation on every wire and in the log.
+pub type UnixMillis = i64;
+
+/// The current wall-clock time as [`UnixMillis`].
+pub fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
