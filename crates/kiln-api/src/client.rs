@@ -14,11 +14,19 @@ use crate::types::*;
 pub enum ApiError {
     /// The control plane answered with an error (`problem.code` says which).
     #[error("{} ({}): {}", problem.title, problem.code, problem.detail.as_deref().unwrap_or(""))]
-    Api { status: u16, problem: Problem },
+    Api { status: u16, problem: Box<Problem> },
     #[error("cannot reach the control plane at {url}")]
-    Connect { url: String, #[source] source: reqwest::Error },
+    Connect {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("the control plane's answer to {path} could not be read")]
-    Decode { path: String, #[source] source: reqwest::Error },
+    Decode {
+        path: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("invalid control-plane URL {url:?}")]
     BadUrl { url: String },
 }
@@ -49,7 +57,9 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the token.
-        f.debug_struct("Client").field("base", &self.base).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
     }
 }
 
@@ -57,14 +67,23 @@ impl Client {
     pub fn new(base_url: &str, token: &str) -> Result<Self, ApiError> {
         let base = base_url.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(ApiError::BadUrl { url: base_url.to_owned() });
+            return Err(ApiError::BadUrl {
+                url: base_url.to_owned(),
+            });
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
-            .map_err(|source| ApiError::Connect { url: base.clone(), source })?;
-        Ok(Self { http, base, token: token.to_owned() })
+            .map_err(|source| ApiError::Connect {
+                url: base.clone(),
+                source,
+            })?;
+        Ok(Self {
+            http,
+            base,
+            token: token.to_owned(),
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -72,16 +91,32 @@ impl Client {
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(&self.token)
+        self.http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(&self.token)
     }
 
-    async fn send<T: DeserializeOwned>(&self, path: &str, rb: reqwest::RequestBuilder) -> Result<T, ApiError> {
-        let resp = rb.send().await.map_err(|source| ApiError::Connect { url: self.base.clone(), source })?;
+    async fn send<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<T, ApiError> {
+        let resp = rb.send().await.map_err(|source| ApiError::Connect {
+            url: self.base.clone(),
+            source,
+        })?;
         let status = resp.status();
         if status.is_success() {
-            return resp.json().await.map_err(|source| ApiError::Decode { path: path.to_owned(), source });
+            return resp.json().await.map_err(|source| ApiError::Decode {
+                path: path.to_owned(),
+                source,
+            });
         }
-        let request_id = resp.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let request_id = resp
+            .headers()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let text = resp.text().await.unwrap_or_default();
         let mut problem = serde_json::from_str::<Problem>(&text).unwrap_or_else(|_| Problem {
             type_: "about:blank".into(),
@@ -95,14 +130,22 @@ impl Client {
         if problem.request_id.is_none() {
             problem.request_id = request_id;
         }
-        Err(ApiError::Api { status: status.as_u16(), problem })
+        Err(ApiError::Api {
+            status: status.as_u16(),
+            problem: Box::new(problem),
+        })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         self.send(path, self.req(reqwest::Method::GET, path)).await
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B, idem: Option<&str>) -> Result<T, ApiError> {
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        idem: Option<&str>,
+    ) -> Result<T, ApiError> {
         let mut rb = self.req(reqwest::Method::POST, path).json(body);
         if let Some(key) = idem {
             rb = rb.header(IDEMPOTENCY_KEY, key);
@@ -115,19 +158,31 @@ impl Client {
     }
 
     pub async fn create_app(&self, name: &kiln_types::AppName) -> Result<App, ApiError> {
-        self.post("/v1/apps", &CreateApp { name: name.clone() }, None).await
+        self.post("/v1/apps", &CreateApp { name: name.clone() }, None)
+            .await
     }
 
     pub async fn list_apps(&self) -> Result<Vec<App>, ApiError> {
         self.get("/v1/apps").await
     }
 
-    pub async fn create_release(&self, app: &str, body: &CreateRelease, idempotency_key: &str) -> Result<Release, ApiError> {
-        self.post(&format!("/v1/apps/{app}/releases"), body, Some(idempotency_key)).await
+    pub async fn create_release(
+        &self,
+        app: &str,
+        body: &CreateRelease,
+        idempotency_key: &str,
+    ) -> Result<Release, ApiError> {
+        self.post(
+            &format!("/v1/apps/{app}/releases"),
+            body,
+            Some(idempotency_key),
+        )
+        .await
     }
 
     pub async fn release(&self, app: &str, version: u64) -> Result<Release, ApiError> {
-        self.get(&format!("/v1/apps/{app}/releases/{version}")).await
+        self.get(&format!("/v1/apps/{app}/releases/{version}"))
+            .await
     }
 
     pub async fn status(&self, app: &str) -> Result<AppStatus, ApiError> {
@@ -139,12 +194,30 @@ impl Client {
     }
 
     /// Long-polls the host's assignments newer than `after`.
-    pub async fn assignments(&self, host: &HostId, after: u64, wait: Duration) -> Result<Assignments, ApiError> {
-        let path = format!("/v1/hosts/{host}/assignments?after={after}&wait_ms={}", wait.as_millis());
-        self.send(&path, self.req(reqwest::Method::GET, &path).timeout(wait + Duration::from_secs(10))).await
+    pub async fn assignments(
+        &self,
+        host: &HostId,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Assignments, ApiError> {
+        let path = format!(
+            "/v1/hosts/{host}/assignments?after={after}&wait_ms={}",
+            wait.as_millis()
+        );
+        self.send(
+            &path,
+            self.req(reqwest::Method::GET, &path)
+                .timeout(wait + Duration::from_secs(10)),
+        )
+        .await
     }
 
-    pub async fn report_instance(&self, host: &HostId, instance: &InstanceId, report: &InstanceReport) -> Result<(), ApiError> {
+    pub async fn report_instance(
+        &self,
+        host: &HostId,
+        instance: &InstanceId,
+        report: &InstanceReport,
+    ) -> Result<(), ApiError> {
         let path = format!("/v1/hosts/{host}/instances/{instance}/report");
         let _: serde_json::Value = self.post(&path, report, None).await?;
         Ok(())
@@ -153,6 +226,11 @@ impl Client {
     /// Long-polls the route table newer than `after`.
     pub async fn routes(&self, after: u64, wait: Duration) -> Result<RouteTable, ApiError> {
         let path = format!("/v1/routes?after={after}&wait_ms={}", wait.as_millis());
-        self.send(&path, self.req(reqwest::Method::GET, &path).timeout(wait + Duration::from_secs(10))).await
+        self.send(
+            &path,
+            self.req(reqwest::Method::GET, &path)
+                .timeout(wait + Duration::from_secs(10)),
+        )
+        .await
     }
 }

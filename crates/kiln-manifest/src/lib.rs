@@ -46,7 +46,11 @@ pub struct ManifestError {
 }
 
 fn render(problems: &[Problem]) -> String {
-    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl ManifestError {
@@ -55,7 +59,9 @@ impl ManifestError {
         let mut out = String::new();
         for p in &self.problems {
             match (p.line, p.column) {
-                (Some(l), Some(c)) => out.push_str(&format!("{}:{l}:{c}: {}\n", self.file, p.message)),
+                (Some(l), Some(c)) => {
+                    out.push_str(&format!("{}:{l}:{c}: {}\n", self.file, p.message))
+                }
                 (Some(l), None) => out.push_str(&format!("{}:{l}: {}\n", self.file, p.message)),
                 _ => out.push_str(&format!("{}: {}\n", self.file, p.message)),
             }
@@ -173,7 +179,9 @@ pub mod defaults {
     pub const STOP_TIMEOUT_MS: u64 = 5_000;
 }
 
-const STOP_SIGNALS: &[&str] = &["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL"];
+const STOP_SIGNALS: &[&str] = &[
+    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL",
+];
 
 /// Converts byte offsets to 1-based (line, column).
 struct Positions<'a>(&'a str);
@@ -195,7 +203,11 @@ struct Collector<'a> {
 impl Collector<'_> {
     fn at(&mut self, span: std::ops::Range<usize>, message: String) {
         let (l, c) = self.pos.at(span.start);
-        self.problems.push(Problem { line: Some(l), column: Some(c), message });
+        self.problems.push(Problem {
+            line: Some(l),
+            column: Some(c),
+            message,
+        });
     }
 }
 
@@ -217,7 +229,10 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 /// Parses and validates `source` (the text of `file`). Every problem is reported at once.
 pub fn parse(file: &str, source: &str) -> Result<Manifest, ManifestError> {
-    let fail = |problems| ManifestError { file: file.to_owned(), problems };
+    let fail = |problems| ManifestError {
+        file: file.to_owned(),
+        problems,
+    };
     let raw: RawManifest = match toml::from_str(source) {
         Ok(r) => r,
         Err(e) => {
@@ -230,10 +245,17 @@ pub fn parse(file: &str, source: &str) -> Result<Manifest, ManifestError> {
                 None => (None, None),
             };
             let message = e.message().trim().to_owned();
-            return Err(fail(vec![Problem { line, column, message }]));
+            return Err(fail(vec![Problem {
+                line,
+                column,
+                message,
+            }]));
         }
     };
-    let mut c = Collector { pos: Positions(source), problems: Vec::new() };
+    let mut c = Collector {
+        pos: Positions(source),
+        problems: Vec::new(),
+    };
 
     let app = match raw.app.get_ref().parse::<AppName>() {
         Ok(a) => Some(a),
@@ -249,12 +271,17 @@ pub fn parse(file: &str, source: &str) -> Result<Manifest, ManifestError> {
         if !(1..=65535).contains(&port) {
             c.at(
                 s.internal_port.span(),
-                format!("`services[{i}].internal_port` must be a port between 1 and 65535, got {port}"),
+                format!(
+                    "`services[{i}].internal_port` must be a port between 1 and 65535, got {port}"
+                ),
             );
             continue;
         }
         for h in &s.hostnames {
-            if h.split('.').any(|l| kiln_types::name::check_dns_label(l, 63).is_err() && !l.chars().all(|c| c.is_ascii_digit())) {
+            if h.split('.').any(|l| {
+                kiln_types::name::check_dns_label(l, 63).is_err()
+                    && !l.chars().all(|c| c.is_ascii_digit())
+            }) {
                 c.problems.push(Problem {
                     line: None,
                     column: None,
@@ -270,12 +297,18 @@ pub fn parse(file: &str, source: &str) -> Result<Manifest, ManifestError> {
         });
     }
 
-    let mut vm = Vm { cpus: defaults::CPUS, memory: MiB(defaults::MEMORY_MIB) };
+    let mut vm = Vm {
+        cpus: defaults::CPUS,
+        memory: MiB(defaults::MEMORY_MIB),
+    };
     if let Some(raw_vm) = &raw.vm {
         if let Some(cpus) = &raw_vm.cpus {
             match u32::try_from(*cpus.get_ref()) {
                 Ok(n @ 1..=64) => vm.cpus = n,
-                _ => c.at(cpus.span(), format!("`vm.cpus` must be between 1 and 64, got {}", cpus.get_ref())),
+                _ => c.at(
+                    cpus.span(),
+                    format!("`vm.cpus` must be between 1 and 64, got {}", cpus.get_ref()),
+                ),
             }
         }
         if let Some(mem) = &raw_vm.memory_mib {
@@ -293,19 +326,35 @@ pub fn parse(file: &str, source: &str) -> Result<Manifest, ManifestError> {
         }
     }
 
-    let mut scale = Scale { count: defaults::COUNT };
+    let mut scale = Scale {
+        count: defaults::COUNT,
+    };
     if let Some(count) = raw.scale.as_ref().and_then(|s| s.count.as_ref()) {
         match u32::try_from(*count.get_ref()) {
             Ok(n) if n <= MAX_COUNT => scale.count = n,
-            _ => c.at(count.span(), format!("`scale.count` must be between 0 and {MAX_COUNT}, got {}", count.get_ref())),
+            _ => c.at(
+                count.span(),
+                format!(
+                    "`scale.count` must be between 0 and {MAX_COUNT}, got {}",
+                    count.get_ref()
+                ),
+            ),
         }
     }
 
-    let mut deploy = Deploy { health_timeout_ms: defaults::HEALTH_TIMEOUT_MS };
+    let mut deploy = Deploy {
+        health_timeout_ms: defaults::HEALTH_TIMEOUT_MS,
+    };
     if let Some(t) = raw.deploy.as_ref().and_then(|d| d.health_timeout.as_ref()) {
         match parse_duration(t.get_ref()) {
             Some(d) if !d.is_zero() => deploy.health_timeout_ms = d.as_millis() as u64,
-            _ => c.at(t.span(), format!("`deploy.health_timeout`: {:?} is not a duration like \"30s\" or \"2m\"", t.get_ref())),
+            _ => c.at(
+                t.span(),
+                format!(
+                    "`deploy.health_timeout`: {:?} is not a duration like \"30s\" or \"2m\"",
+                    t.get_ref()
+                ),
+            ),
         }
     }
 
@@ -314,20 +363,37 @@ pub fn parse(file: &str, source: &str) -> Result<Manifest, ManifestError> {
         if STOP_SIGNALS.contains(&sig.get_ref().as_str()) {
             stop_signal = sig.get_ref().clone();
         } else {
-            c.at(sig.span(), format!("`stop_signal` must be one of {}, got {:?}", STOP_SIGNALS.join(", "), sig.get_ref()));
+            c.at(
+                sig.span(),
+                format!(
+                    "`stop_signal` must be one of {}, got {:?}",
+                    STOP_SIGNALS.join(", "),
+                    sig.get_ref()
+                ),
+            );
         }
     }
     let mut stop_timeout_ms = defaults::STOP_TIMEOUT_MS;
     if let Some(t) = &raw.stop_timeout {
         match parse_duration(t.get_ref()) {
             Some(d) => stop_timeout_ms = d.as_millis() as u64,
-            None => c.at(t.span(), format!("`stop_timeout`: {:?} is not a duration like \"10s\"", t.get_ref())),
+            None => c.at(
+                t.span(),
+                format!(
+                    "`stop_timeout`: {:?} is not a duration like \"10s\"",
+                    t.get_ref()
+                ),
+            ),
         }
     }
 
     for key in raw.env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
-            c.problems.push(Problem { line: None, column: None, message: format!("`env`: {key:?} is not a valid variable name") });
+            c.problems.push(Problem {
+                line: None,
+                column: None,
+                message: format!("`env`: {key:?} is not a valid variable name"),
+            });
         }
     }
 
@@ -335,7 +401,9 @@ pub fn parse(file: &str, source: &str) -> Result<Manifest, ManifestError> {
         Some(app) if c.problems.is_empty() => Ok(Manifest {
             app,
             image: raw.image,
-            primary_region: raw.primary_region.unwrap_or_else(|| defaults::PRIMARY_REGION.to_owned()),
+            primary_region: raw
+                .primary_region
+                .unwrap_or_else(|| defaults::PRIMARY_REGION.to_owned()),
             env: raw.env,
             services,
             vm,
@@ -386,7 +454,11 @@ memory_mib = 128
         let e = parse("kiln.toml", src).unwrap_err();
         assert_eq!(e.problems.len(), 1);
         assert_eq!(e.problems[0].line, Some(5));
-        assert!(e.problems[0].message.contains("internal_prot"), "{}", e.problems[0].message);
+        assert!(
+            e.problems[0].message.contains("internal_prot"),
+            "{}",
+            e.problems[0].message
+        );
         assert!(e.report().starts_with("kiln.toml:5:1:"), "{}", e.report());
     }
 

@@ -44,7 +44,9 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Self { cpu_oversubscription: 4.0 }
+        Self {
+            cpu_oversubscription: 4.0,
+        }
     }
 }
 
@@ -60,13 +62,21 @@ impl fmt::Display for NoFit {
             return f.write_str("no hosts are registered");
         }
         f.write_str("no host fits: ")?;
-        let parts: Vec<String> = self.by_reason.iter().map(|(r, n)| format!("{n} host(s) {r}")).collect();
+        let parts: Vec<String> = self
+            .by_reason
+            .iter()
+            .map(|(r, n)| format!("{n} host(s) {r}"))
+            .collect();
         f.write_str(&parts.join(", "))
     }
 }
 
 /// Picks a host for `req`, or explains why none fits.
-pub fn place<'a>(hosts: &'a [HostCapacity], req: &Request, policy: &Policy) -> Result<&'a HostCapacity, NoFit> {
+pub fn place<'a>(
+    hosts: &'a [HostCapacity],
+    req: &Request,
+    policy: &Policy,
+) -> Result<&'a HostCapacity, NoFit> {
     let mut nofit = NoFit::default();
     let mut best: Option<(&HostCapacity, u64)> = None;
     let need_mem = req.memory.0 + INSTANCE_OVERHEAD.0;
@@ -77,7 +87,9 @@ pub fn place<'a>(hosts: &'a [HostCapacity], req: &Request, policy: &Policy) -> R
             Some("run an incompatible driver")
         } else if h.used_memory.0 + need_mem > h.memory.0 {
             Some("lack memory")
-        } else if f64::from(h.used_cpu.0 + req.cpu.0) > f64::from(h.cpu.0) * policy.cpu_oversubscription {
+        } else if f64::from(h.used_cpu.0 + req.cpu.0)
+            > f64::from(h.cpu.0) * policy.cpu_oversubscription
+        {
             Some("lack CPU")
         } else {
             None
@@ -112,7 +124,11 @@ mod tests {
     }
 
     fn req(mem: u64) -> Request {
-        Request { memory: MiB(mem), cpu: MilliCpu(1000), drivers: vec![] }
+        Request {
+            memory: MiB(mem),
+            cpu: MilliCpu(1000),
+            drivers: vec![],
+        }
     }
 
     #[test]
@@ -127,7 +143,10 @@ mod tests {
     #[test]
     fn spreads_to_the_host_with_most_free_memory() {
         let hosts = vec![host(4096, 2048), host(4096, 512), host(4096, 1024)];
-        assert_eq!(place(&hosts, &req(256), &Policy::default()).unwrap().id, hosts[1].id);
+        assert_eq!(
+            place(&hosts, &req(256), &Policy::default()).unwrap().id,
+            hosts[1].id
+        );
     }
 
     #[test]
@@ -137,9 +156,16 @@ mod tests {
         let mut qemu = host(4096, 0);
         qemu.driver = "qemu".into();
         let hosts = vec![down, qemu, host(128, 0)];
-        let r = Request { memory: MiB(256), cpu: MilliCpu(1000), drivers: vec!["runc".into()] };
+        let r = Request {
+            memory: MiB(256),
+            cpu: MilliCpu(1000),
+            drivers: vec!["runc".into()],
+        };
         let err = place(&hosts, &r, &Policy::default()).unwrap_err();
         assert_eq!(err.to_string(), "no host fits: 1 host(s) lack memory, 1 host(s) not ready, 1 host(s) run an incompatible driver");
-        assert_eq!(place(&[], &r, &Policy::default()).unwrap_err().to_string(), "no hosts are registered");
+        assert_eq!(
+            place(&[], &r, &Policy::default()).unwrap_err().to_string(),
+            "no hosts are registered"
+        );
     }
 }

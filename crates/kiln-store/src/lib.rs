@@ -44,7 +44,10 @@ pub struct NewEvent {
 
 impl NewEvent {
     pub fn any(event: Event) -> Self {
-        Self { event, expected: ExpectedVersion::Any }
+        Self {
+            event,
+            expected: ExpectedVersion::Any,
+        }
     }
 }
 
@@ -112,7 +115,10 @@ impl Store {
         let (inner, head) = tokio::task::spawn_blocking(move || sqlite::Sqlite::open(&path))
             .await
             .map_err(|_| StoreError::TaskPanicked)??;
-        Ok(Store { inner: Arc::new(inner), head })
+        Ok(Store {
+            inner: Arc::new(inner),
+            head,
+        })
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -121,7 +127,9 @@ impl Store {
         T: Send + 'static,
     {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|_| StoreError::TaskPanicked)?
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|_| StoreError::TaskPanicked)?
     }
 
     /// Appends events atomically and applies them to the views in the same transaction.
@@ -131,7 +139,11 @@ impl Store {
 
     /// Up to `limit` events with sequence greater than `after`, in order. Never skips an event:
     /// SQLite has one writer at a time, so sequences become visible in order.
-    pub async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    pub async fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.run(move |s| s.read_after(after, limit)).await
     }
 
@@ -166,7 +178,11 @@ impl Store {
         self.run(move |s| s.releases(&app)).await
     }
 
-    pub async fn release(&self, app: AppId, version: u64) -> Result<Option<ReleaseRow>, StoreError> {
+    pub async fn release(
+        &self,
+        app: AppId,
+        version: u64,
+    ) -> Result<Option<ReleaseRow>, StoreError> {
         self.run(move |s| s.release(&app, version)).await
     }
 
@@ -191,7 +207,10 @@ impl Store {
     }
 
     /// Releases in a given state, across apps (the reconciler's work list).
-    pub async fn releases_in_state(&self, state: ReleaseState) -> Result<Vec<ReleaseRow>, StoreError> {
+    pub async fn releases_in_state(
+        &self,
+        state: ReleaseState,
+    ) -> Result<Vec<ReleaseRow>, StoreError> {
         self.run(move |s| s.releases_in_state(state)).await
     }
 

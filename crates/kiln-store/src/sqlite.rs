@@ -92,7 +92,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Sqlite {
     pub(crate) fn open(path: &Path) -> Result<(Sqlite, watch::Receiver<u64>), StoreError> {
-        let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
         let mut writer = Connection::open(path).map_err(open_err)?;
         configure(&writer).map_err(open_err)?;
         migrate(&mut writer)?;
@@ -102,14 +105,29 @@ impl Sqlite {
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
             .map_err(open_err)?;
         let (head_tx, head_rx) = watch::channel(head);
-        Ok((Sqlite { writer: Mutex::new(writer), reader: Mutex::new(reader), head_tx }, head_rx))
+        Ok((
+            Sqlite {
+                writer: Mutex::new(writer),
+                reader: Mutex::new(reader),
+                head_tx,
+            },
+            head_rx,
+        ))
     }
 
     pub(crate) fn append(&self, append: Append) -> Result<Appended, StoreError> {
-        let first_type = append.events.first().map_or("none", |e| e.event.type_name());
-        let aerr = |source| StoreError::Append { event_type: first_type, source };
+        let first_type = append
+            .events
+            .first()
+            .map_or("none", |e| e.event.type_name());
+        let aerr = |source| StoreError::Append {
+            event_type: first_type,
+            source,
+        };
         let mut conn = lock(&self.writer);
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(aerr)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(aerr)?;
 
         if let Some(idem) = &append.idempotency {
             let found: Option<(String, u64, u64)> = tx
@@ -122,10 +140,15 @@ impl Sqlite {
                 .map_err(aerr)?;
             if let Some((hash, first, last)) = found {
                 if hash != idem.request_hash {
-                    return Err(StoreError::IdempotencyConflict { key: idem.key.clone() });
+                    return Err(StoreError::IdempotencyConflict {
+                        key: idem.key.clone(),
+                    });
                 }
                 let events = read_range(&tx, first, last)?;
-                return Ok(Appended { events, replayed: true });
+                return Ok(Appended {
+                    events,
+                    replayed: true,
+                });
             }
         }
 
@@ -161,8 +184,11 @@ impl Sqlite {
             )
             .map_err(|source| StoreError::Append { event_type: etype, source })?;
             let seq = tx.last_insert_rowid() as u64;
-            views::apply(&tx, seq, now, &new.event)
-                .map_err(|source| StoreError::ApplyView { event_type: etype, seq, source })?;
+            views::apply(&tx, seq, now, &new.event).map_err(|source| StoreError::ApplyView {
+                event_type: etype,
+                seq,
+                source,
+            })?;
             recorded.push(RecordedEvent {
                 seq,
                 stream,
@@ -173,7 +199,9 @@ impl Sqlite {
                 recorded_at: now,
             });
         }
-        if let (Some(idem), Some(first), Some(last)) = (&append.idempotency, recorded.first(), recorded.last()) {
+        if let (Some(idem), Some(first), Some(last)) =
+            (&append.idempotency, recorded.first(), recorded.last())
+        {
             tx.execute(
                 "INSERT INTO idempotency (scope, key, request_hash, first_seq, last_seq, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![idem.scope, idem.key, idem.request_hash, first.seq, last.seq, now],
@@ -184,10 +212,17 @@ impl Sqlite {
         if let Some(last) = recorded.last() {
             self.head_tx.send_replace(last.seq);
         }
-        Ok(Appended { events: recorded, replayed: false })
+        Ok(Appended {
+            events: recorded,
+            replayed: false,
+        })
     }
 
-    pub(crate) fn read_after(&self, after: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    pub(crate) fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let conn = lock(&self.reader);
         let mut stmt = conn
             .prepare_cached(
@@ -197,10 +232,16 @@ impl Sqlite {
             .map_err(|source| StoreError::Query { query: "read_after", source })?;
         let rows = stmt
             .query_map(params![after, limit as i64], raw_event)
-            .map_err(|source| StoreError::Query { query: "read_after", source })?;
+            .map_err(|source| StoreError::Query {
+                query: "read_after",
+                source,
+            })?;
         let mut out = Vec::new();
         for row in rows {
-            let raw = row.map_err(|source| StoreError::Query { query: "read_after", source })?;
+            let raw = row.map_err(|source| StoreError::Query {
+                query: "read_after",
+                source,
+            })?;
             out.push(decode(raw)?);
         }
         Ok(out)
@@ -208,7 +249,10 @@ impl Sqlite {
 
     pub(crate) fn stream_version(&self, stream: &StreamRef) -> Result<u64, StoreError> {
         let conn = lock(&self.reader);
-        stream_version(&conn, stream).map_err(|source| StoreError::Query { query: "stream_version", source })
+        stream_version(&conn, stream).map_err(|source| StoreError::Query {
+            query: "stream_version",
+            source,
+        })
     }
 
     pub(crate) fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
@@ -226,17 +270,30 @@ impl Sqlite {
     pub(crate) fn releases(&self, app: &AppId) -> Result<Vec<ReleaseRow>, StoreError> {
         views::releases(&lock(&self.reader), Some(app), None)
     }
-    pub(crate) fn releases_in_state(&self, state: ReleaseState) -> Result<Vec<ReleaseRow>, StoreError> {
+    pub(crate) fn releases_in_state(
+        &self,
+        state: ReleaseState,
+    ) -> Result<Vec<ReleaseRow>, StoreError> {
         views::releases(&lock(&self.reader), None, Some(state))
     }
-    pub(crate) fn release(&self, app: &AppId, version: u64) -> Result<Option<ReleaseRow>, StoreError> {
+    pub(crate) fn release(
+        &self,
+        app: &AppId,
+        version: u64,
+    ) -> Result<Option<ReleaseRow>, StoreError> {
         views::release(&lock(&self.reader), app, version)
     }
-    pub(crate) fn instances(&self, app: Option<&AppId>, host: Option<&HostId>) -> Result<Vec<InstanceRow>, StoreError> {
+    pub(crate) fn instances(
+        &self,
+        app: Option<&AppId>,
+        host: Option<&HostId>,
+    ) -> Result<Vec<InstanceRow>, StoreError> {
         views::instances(&lock(&self.reader), app, host, None)
     }
     pub(crate) fn instance(&self, id: &InstanceId) -> Result<Option<InstanceRow>, StoreError> {
-        Ok(views::instances(&lock(&self.reader), None, None, Some(id))?.into_iter().next())
+        Ok(views::instances(&lock(&self.reader), None, None, Some(id))?
+            .into_iter()
+            .next())
     }
     pub(crate) fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
         views::hosts(&lock(&self.reader))
@@ -252,7 +309,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         let err = |source| StoreError::Migrate { version, source };
         let tx = conn.transaction().map_err(err)?;
         tx.execute_batch(sql).map_err(err)?;
-        tx.pragma_update(None, "user_version", version).map_err(err)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(err)?;
         tx.commit().map_err(err)?;
     }
     Ok(())
@@ -308,12 +366,18 @@ fn decode(raw: RawEvent) -> Result<RecordedEvent, StoreError> {
         "host" => StreamType::Host,
         "instance" => StreamType::Instance,
         other => {
-            return Err(StoreError::UnknownStream { seq: raw.seq, stream_type: other.to_owned() })
+            return Err(StoreError::UnknownStream {
+                seq: raw.seq,
+                stream_type: other.to_owned(),
+            })
         }
     };
     Ok(RecordedEvent {
         seq: raw.seq,
-        stream: StreamRef { kind, id: raw.stream_id },
+        stream: StreamRef {
+            kind,
+            id: raw.stream_id,
+        },
         stream_version: raw.stream_version,
         schema_version: raw.schema_version,
         event,
@@ -331,10 +395,16 @@ fn read_range(conn: &Connection, first: u64, last: u64) -> Result<Vec<RecordedEv
         .map_err(|source| StoreError::Query { query: "read_range", source })?;
     let rows = stmt
         .query_map(params![first, last], raw_event)
-        .map_err(|source| StoreError::Query { query: "read_range", source })?;
+        .map_err(|source| StoreError::Query {
+            query: "read_range",
+            source,
+        })?;
     let mut out = Vec::new();
     for row in rows {
-        out.push(decode(row.map_err(|source| StoreError::Query { query: "read_range", source })?)?);
+        out.push(decode(row.map_err(|source| StoreError::Query {
+            query: "read_range",
+            source,
+        })?)?);
     }
     Ok(out)
 }

@@ -14,25 +14,52 @@ use kiln_types::{
 
 use crate::StoreError;
 
-pub(crate) fn apply(tx: &Connection, seq: u64, now: UnixMillis, event: &Event) -> rusqlite::Result<()> {
+pub(crate) fn apply(
+    tx: &Connection,
+    seq: u64,
+    now: UnixMillis,
+    event: &Event,
+) -> rusqlite::Result<()> {
     let _ = seq;
     match event {
         Event::OrgCreated { org_id, name } => {
-            tx.execute("INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)", params![org_id.as_str(), name, now])?;
+            tx.execute(
+                "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)",
+                params![org_id.as_str(), name, now],
+            )?;
         }
-        Event::TokenCreated { token_id, org_id, name, hash, scopes, expires_at } => {
+        Event::TokenCreated {
+            token_id,
+            org_id,
+            name,
+            hash,
+            scopes,
+            expires_at,
+        } => {
             tx.execute(
                 "INSERT INTO tokens (id, org_id, name, hash, scopes, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![token_id.as_str(), org_id.as_str(), name, hash, serde_json::to_string(scopes).unwrap_or_default(), expires_at, now],
             )?;
         }
-        Event::AppCreated { app_id, org_id, name } => {
+        Event::AppCreated {
+            app_id,
+            org_id,
+            name,
+        } => {
             tx.execute(
                 "INSERT INTO apps (id, org_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![app_id.as_str(), org_id.as_str(), name.as_str(), now],
             )?;
         }
-        Event::ReleaseCreated { app_id, release_id, version, image_input, image, manifest, manifest_source } => {
+        Event::ReleaseCreated {
+            app_id,
+            release_id,
+            version,
+            image_input,
+            image,
+            manifest,
+            manifest_source,
+        } => {
             tx.execute(
                 "INSERT INTO releases (id, app_id, version, image_input, image, manifest, manifest_source, state, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'deploying', ?8, ?8)",
@@ -52,13 +79,25 @@ pub(crate) fn apply(tx: &Connection, seq: u64, now: UnixMillis, event: &Event) -
                 params![app_id.as_str(), version],
             )?;
         }
-        Event::ReleaseStateChanged { release_id, state, reason, .. } => {
+        Event::ReleaseStateChanged {
+            release_id,
+            state,
+            reason,
+            ..
+        } => {
             tx.execute(
                 "UPDATE releases SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
                 params![release_id.as_str(), state.as_str(), reason, now],
             )?;
         }
-        Event::HostRegistered { host_id, name, index, driver, cpu, memory } => {
+        Event::HostRegistered {
+            host_id,
+            name,
+            index,
+            driver,
+            cpu,
+            memory,
+        } => {
             tx.execute(
                 "INSERT INTO hosts (id, name, idx, driver, cpu, memory, registered_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (id) DO UPDATE SET name = excluded.name, driver = excluded.driver, cpu = excluded.cpu, memory = excluded.memory",
@@ -80,15 +119,24 @@ pub(crate) fn apply(tx: &Connection, seq: u64, now: UnixMillis, event: &Event) -
                 ],
             )?;
         }
-        Event::InstanceStateChanged { instance_id, state, reason, .. } => {
+        Event::InstanceStateChanged {
+            instance_id,
+            state,
+            reason,
+            ..
+        } => {
             tx.execute(
                 "UPDATE instances SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
                 params![instance_id.as_str(), state.as_str(), reason, now],
             )?;
         }
-        Event::InstanceStopRequested { instance_id, reason, .. } => {
+        Event::InstanceStopRequested {
+            instance_id,
+            reason,
+            ..
+        } => {
             tx.execute(
-                "UPDATE instances SET desired_running = 0, reason = ?2, updated_at = ?3 WHERE id = ?1",
+                "UPDATE instances SET desired_running = 0, reason = CASE WHEN state = 'failed' THEN reason ELSE ?2 END, updated_at = ?3 WHERE id = ?1",
                 params![instance_id.as_str(), reason, now],
             )?;
         }
@@ -159,12 +207,18 @@ pub struct InstanceRow {
 
 /// Reads a text column holding a typed value (id, name, JSON) and fails the row cleanly if the
 /// stored text does not parse, rather than panicking on a corrupted view.
-fn parse_col<T, E>(r: &Row<'_>, idx: usize, f: impl FnOnce(&str) -> Result<T, E>) -> rusqlite::Result<T>
+fn parse_col<T, E>(
+    r: &Row<'_>,
+    idx: usize,
+    f: impl FnOnce(&str) -> Result<T, E>,
+) -> rusqlite::Result<T>
 where
     E: std::error::Error + Send + Sync + 'static,
 {
     let s: String = r.get(idx)?;
-    f(&s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+    f(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 fn json_col<T: serde::de::DeserializeOwned>(r: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
@@ -199,7 +253,8 @@ pub(crate) fn token_by_hash(c: &Connection, hash: &str) -> Result<Option<TokenRo
 }
 
 pub(crate) fn orgs_count(c: &Connection) -> Result<u64, StoreError> {
-    c.query_row("SELECT COUNT(*) FROM orgs", [], |r| r.get(0)).map_err(q("orgs_count"))
+    c.query_row("SELECT COUNT(*) FROM orgs", [], |r| r.get(0))
+        .map_err(q("orgs_count"))
 }
 
 const APP_COLS: &str = "SELECT id, org_id, name, created_at, release_count FROM apps";
@@ -215,14 +270,24 @@ fn app_row(r: &Row<'_>) -> rusqlite::Result<AppRow> {
 }
 
 pub(crate) fn app_by_name(c: &Connection, name: &str) -> Result<Option<AppRow>, StoreError> {
-    c.query_row(&format!("{APP_COLS} WHERE name = ?1"), params![name], app_row).optional().map_err(q("app_by_name"))
+    c.query_row(
+        &format!("{APP_COLS} WHERE name = ?1"),
+        params![name],
+        app_row,
+    )
+    .optional()
+    .map_err(q("app_by_name"))
 }
 
 pub(crate) fn apps(c: &Connection, org: Option<&OrgId>) -> Result<Vec<AppRow>, StoreError> {
     let mut stmt = c
-        .prepare(&format!("{APP_COLS} WHERE (?1 IS NULL OR org_id = ?1) ORDER BY name"))
+        .prepare(&format!(
+            "{APP_COLS} WHERE (?1 IS NULL OR org_id = ?1) ORDER BY name"
+        ))
         .map_err(q("apps"))?;
-    let rows = stmt.query_map(params![org.map(OrgId::as_str)], app_row).map_err(q("apps"))?;
+    let rows = stmt
+        .query_map(params![org.map(OrgId::as_str)], app_row)
+        .map_err(q("apps"))?;
     rows.collect::<Result<_, _>>().map_err(q("apps"))
 }
 
@@ -244,22 +309,37 @@ fn release_row(r: &Row<'_>) -> rusqlite::Result<ReleaseRow> {
     })
 }
 
-pub(crate) fn releases(c: &Connection, app: Option<&AppId>, state: Option<ReleaseState>) -> Result<Vec<ReleaseRow>, StoreError> {
+pub(crate) fn releases(
+    c: &Connection,
+    app: Option<&AppId>,
+    state: Option<ReleaseState>,
+) -> Result<Vec<ReleaseRow>, StoreError> {
     let mut stmt = c
         .prepare(&format!(
             "{RELEASE_COLS} WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY app_id, version"
         ))
         .map_err(q("releases"))?;
     let rows = stmt
-        .query_map(params![app.map(AppId::as_str), state.map(ReleaseState::as_str)], release_row)
+        .query_map(
+            params![app.map(AppId::as_str), state.map(ReleaseState::as_str)],
+            release_row,
+        )
         .map_err(q("releases"))?;
     rows.collect::<Result<_, _>>().map_err(q("releases"))
 }
 
-pub(crate) fn release(c: &Connection, app: &AppId, version: u64) -> Result<Option<ReleaseRow>, StoreError> {
-    c.query_row(&format!("{RELEASE_COLS} WHERE app_id = ?1 AND version = ?2"), params![app.as_str(), version], release_row)
-        .optional()
-        .map_err(q("release"))
+pub(crate) fn release(
+    c: &Connection,
+    app: &AppId,
+    version: u64,
+) -> Result<Option<ReleaseRow>, StoreError> {
+    c.query_row(
+        &format!("{RELEASE_COLS} WHERE app_id = ?1 AND version = ?2"),
+        params![app.as_str(), version],
+        release_row,
+    )
+    .optional()
+    .map_err(q("release"))
 }
 
 pub(crate) fn hosts(c: &Connection) -> Result<Vec<HostRow>, StoreError> {
@@ -296,21 +376,28 @@ pub(crate) fn instances(
         )
         .map_err(q("instances"))?;
     let rows = stmt
-        .query_map(params![app.map(AppId::as_str), host.map(HostId::as_str), id.map(InstanceId::as_str)], |r| {
-            Ok(InstanceRow {
-                id: parse_col(r, 0, str::parse)?,
-                app_id: parse_col(r, 1, str::parse)?,
-                release_id: parse_col(r, 2, str::parse)?,
-                release_version: r.get(3)?,
-                host_id: parse_col(r, 4, str::parse)?,
-                spec: json_col(r, 5)?,
-                state: enum_col(r, 6, InstanceState::parse)?,
-                reason: r.get(7)?,
-                desired_running: r.get(8)?,
-                created_at: r.get(9)?,
-                updated_at: r.get(10)?,
-            })
-        })
+        .query_map(
+            params![
+                app.map(AppId::as_str),
+                host.map(HostId::as_str),
+                id.map(InstanceId::as_str)
+            ],
+            |r| {
+                Ok(InstanceRow {
+                    id: parse_col(r, 0, str::parse)?,
+                    app_id: parse_col(r, 1, str::parse)?,
+                    release_id: parse_col(r, 2, str::parse)?,
+                    release_version: r.get(3)?,
+                    host_id: parse_col(r, 4, str::parse)?,
+                    spec: json_col(r, 5)?,
+                    state: enum_col(r, 6, InstanceState::parse)?,
+                    reason: r.get(7)?,
+                    desired_running: r.get(8)?,
+                    created_at: r.get(9)?,
+                    updated_at: r.get(10)?,
+                })
+            },
+        )
         .map_err(q("instances"))?;
     rows.collect::<Result<_, _>>().map_err(q("instances"))
 }

@@ -6,7 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId};
+use crate::{
+    AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId,
+};
 use crate::{MiB, MilliCpu, UnixMillis, WorkloadSpec};
 
 /// The kind of stream an event belongs to.
@@ -92,6 +94,8 @@ impl Driver {
 }
 
 /// Every event Kiln records. The serde tag is the event type name stored in the log.
+// Events are built and applied one at a time, never stored densely, so variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum Event {
@@ -201,7 +205,9 @@ impl Event {
             | Self::ReleaseCreated { app_id, .. }
             | Self::ReleaseStateChanged { app_id, .. } => (StreamType::App, app_id.to_string()),
             Self::HostRegistered { host_id, .. } => (StreamType::Host, host_id.to_string()),
-            Self::InstancePlaced { spec, .. } => (StreamType::Instance, spec.instance_id.to_string()),
+            Self::InstancePlaced { spec, .. } => {
+                (StreamType::Instance, spec.instance_id.to_string())
+            }
             Self::InstanceStateChanged { instance_id, .. }
             | Self::InstanceStopRequested { instance_id, .. } => {
                 (StreamType::Instance, instance_id.to_string())
@@ -213,7 +219,10 @@ impl Event {
     /// Splits into (type name, payload JSON) for storage.
     pub fn to_parts(&self) -> (&'static str, serde_json::Value) {
         let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        let data = v.get_mut("data").map(serde_json::Value::take).unwrap_or_default();
+        let data = v
+            .get_mut("data")
+            .map(serde_json::Value::take)
+            .unwrap_or_default();
         (self.type_name(), data)
     }
 

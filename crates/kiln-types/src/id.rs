@@ -14,7 +14,9 @@ const RANDOM_LEN: usize = 20;
 
 /// An id string did not have the expected shape.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {kind} id {value:?}: expected `{prefix}_` followed by {RANDOM_LEN} base32 characters")]
+#[error(
+    "invalid {kind} id {value:?}: expected `{prefix}_` followed by {RANDOM_LEN} base32 characters"
+)]
 pub struct IdError {
     pub kind: &'static str,
     pub prefix: &'static str,
@@ -25,7 +27,9 @@ fn random_suffix() -> String {
     let mut raw = [0u8; RANDOM_LEN];
     // getrandom only fails when the OS has no entropy source at all; nothing sensible can continue.
     getrandom::fill(&mut raw).expect("operating system random source");
-    raw.iter().map(|b| ALPHABET[(b & 31) as usize] as char).collect()
+    raw.iter()
+        .map(|b| ALPHABET[(b & 31) as usize] as char)
+        .collect()
 }
 
 fn valid_suffix(s: &str) -> bool {

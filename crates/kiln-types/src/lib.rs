@@ -20,7 +20,8 @@ pub use id::{AppId, HostId, InstanceId, OrgId, ReleaseId, TokenId};
 pub use name::{AppName, NameError};
 pub use units::{MiB, MilliCpu};
 pub use workload::{
-    ImageRef, InstanceState, ServiceProtocol, ServiceSpec, StopSpec, WorkloadSpec, WORKLOAD_SPEC_VERSION,
+    ImageRef, InstanceState, ServiceProtocol, ServiceSpec, StopSpec, WorkloadSpec,
+    WORKLOAD_SPEC_VERSION,
 };
 
 /// Milliseconds since the Unix epoch; the one timestamp representation on every wire and in the log.

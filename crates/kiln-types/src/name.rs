@@ -27,17 +27,29 @@ pub fn check_dns_label(name: &str, max: usize) -> Result<(), NameError> {
         return Err(NameError::Empty);
     }
     if name.len() > max {
-        return Err(NameError::TooLong { name: name.to_owned(), max });
+        return Err(NameError::TooLong {
+            name: name.to_owned(),
+            max,
+        });
     }
     if !name.as_bytes()[0].is_ascii_lowercase() {
-        return Err(NameError::BadStart { name: name.to_owned() });
+        return Err(NameError::BadStart {
+            name: name.to_owned(),
+        });
     }
-    if let Some(ch) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    if let Some(ch) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
     {
-        return Err(NameError::BadChar { name: name.to_owned(), ch });
+        return Err(NameError::BadChar {
+            name: name.to_owned(),
+            ch,
+        });
     }
     if name.ends_with('-') {
-        return Err(NameError::BadEnd { name: name.to_owned() });
+        return Err(NameError::BadEnd {
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
@@ -98,10 +110,25 @@ mod tests {
         assert!("hello-tls".parse::<AppName>().is_ok());
         assert!("a1".parse::<AppName>().is_ok());
         assert_eq!("".parse::<AppName>(), Err(NameError::Empty));
-        assert!(matches!("Hello".parse::<AppName>(), Err(NameError::BadStart { .. })));
-        assert!(matches!("1abc".parse::<AppName>(), Err(NameError::BadStart { .. })));
-        assert!(matches!("ab_c".parse::<AppName>(), Err(NameError::BadChar { ch: '_', .. })));
-        assert!(matches!("abc-".parse::<AppName>(), Err(NameError::BadEnd { .. })));
-        assert!(matches!("a".repeat(64).parse::<AppName>(), Err(NameError::TooLong { .. })));
+        assert!(matches!(
+            "Hello".parse::<AppName>(),
+            Err(NameError::BadStart { .. })
+        ));
+        assert!(matches!(
+            "1abc".parse::<AppName>(),
+            Err(NameError::BadStart { .. })
+        ));
+        assert!(matches!(
+            "ab_c".parse::<AppName>(),
+            Err(NameError::BadChar { ch: '_', .. })
+        ));
+        assert!(matches!(
+            "abc-".parse::<AppName>(),
+            Err(NameError::BadEnd { .. })
+        ));
+        assert!(matches!(
+            "a".repeat(64).parse::<AppName>(),
+            Err(NameError::TooLong { .. })
+        ));
     }
 }

@@ -69,7 +69,10 @@ pub struct StopSpec {
 
 impl Default for StopSpec {
     fn default() -> Self {
-        Self { signal: "SIGTERM".into(), timeout_ms: 5_000 }
+        Self {
+            signal: "SIGTERM".into(),
+            timeout_ms: 5_000,
+        }
     }
 }
 
@@ -133,9 +136,12 @@ impl WorkloadSpec {
             .spec_version
             .split_once('.')
             .ok_or_else(|| SpecVersionError::Malformed(self.spec_version.clone()))?;
-        let major: u32 =
-            major.parse().map_err(|_| SpecVersionError::Malformed(self.spec_version.clone()))?;
-        minor.parse::<u32>().map_err(|_| SpecVersionError::Malformed(self.spec_version.clone()))?;
+        let major: u32 = major
+            .parse()
+            .map_err(|_| SpecVersionError::Malformed(self.spec_version.clone()))?;
+        minor
+            .parse::<u32>()
+            .map_err(|_| SpecVersionError::Malformed(self.spec_version.clone()))?;
         if major != SUPPORTED_MAJOR {
             return Err(SpecVersionError::Unsupported { found: major });
         }
@@ -222,7 +228,10 @@ mod tests {
             entrypoint: None,
             command: None,
             env: BTreeMap::new(),
-            vm: VmSpec { cpu: MilliCpu(1000), memory: MiB(256) },
+            vm: VmSpec {
+                cpu: MilliCpu(1000),
+                memory: MiB(256),
+            },
             network: NetworkSpec {
                 ipv6: crate::net::instance_address(1, 0),
                 gateway: crate::net::host_address(1),
@@ -236,9 +245,18 @@ mod tests {
     fn version_rules() {
         assert!(spec("1.0").check_version().is_ok());
         assert!(spec("1.7").check_version().is_ok());
-        assert_eq!(spec("2.0").check_version(), Err(SpecVersionError::Unsupported { found: 2 }));
-        assert!(matches!(spec("1").check_version(), Err(SpecVersionError::Malformed(_))));
-        assert!(matches!(spec("x.0").check_version(), Err(SpecVersionError::Malformed(_))));
+        assert_eq!(
+            spec("2.0").check_version(),
+            Err(SpecVersionError::Unsupported { found: 2 })
+        );
+        assert!(matches!(
+            spec("1").check_version(),
+            Err(SpecVersionError::Malformed(_))
+        ));
+        assert!(matches!(
+            spec("x.0").check_version(),
+            Err(SpecVersionError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,63 @@
+use std::path::PathBuf;
+
+use kiln_types::InstanceId;
+
+/// A host-agent operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot create state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot register the host with the control plane")]
+    Register {
+        #[source]
+        source: Box<kiln_api::ApiError>,
+    },
+    #[error("cannot open the blob store")]
+    BlobStore {
+        #[source]
+        source: Box<kiln_oci::OciError>,
+    },
+    #[error("cannot pull image {image}")]
+    Pull {
+        image: String,
+        #[source]
+        source: Box<kiln_oci::OciError>,
+    },
+    #[error("cannot unpack layer {digest} of image {image}")]
+    Unpack {
+        image: String,
+        digest: String,
+        #[source]
+        source: Box<kiln_oci::OciError>,
+    },
+    #[error("cannot prepare the root filesystem of image {image} at {path}")]
+    Rootfs {
+        image: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path} for instance {instance}")]
+    InstanceFile {
+        instance: InstanceId,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("command `{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("cannot run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the image has no command to run: set an entrypoint or cmd in the image, or `cmd` in kiln.toml")]
+    NoCommand,
+    #[error("user {user:?} of the image cannot be resolved in its /etc/passwd")]
+    UnknownUser { user: String },
+}

@@ -1,0 +1,415 @@
+//! One instance on this host: start, adopt, health, stop, and cleanup.
+//!
+//! Layout of an instance's state directory `<data>/instances/<id>/`:
+//! `config.json` (the runc bundle spec), `spec.json` (the WorkloadSpec it was started from),
+//! `upper/` and `work/` (its private overlay layer), `rootfs/` (the overlay mount), `log`.
+//! Teardown removes all of it, the mount, the veth pair, the namespace and the cgroup (via runc).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use kiln_types::guest::RunConfig;
+use kiln_types::{InstanceId, InstanceState, WorkloadSpec};
+
+use crate::image::PreparedImage;
+use crate::{error_chain, netlink, Agent, AgentError};
+
+/// Checks run at this pace until the instance first turns healthy, so deploys finish quickly.
+const STARTUP_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) struct Instance {
+    pub id: InstanceId,
+    spec: WorkloadSpec,
+    dir: PathBuf,
+    netns: String,
+    host_if: String,
+    stop_tx: watch::Sender<bool>,
+}
+
+impl Instance {
+    pub(crate) fn new(agent: &Agent, spec: WorkloadSpec) -> Self {
+        let id = spec.instance_id.clone();
+        let (netns, host_if) = netlink::names(id.suffix());
+        Self {
+            dir: dir_of(agent, &id),
+            id,
+            spec,
+            netns,
+            host_if,
+            stop_tx: watch::channel(false).0,
+        }
+    }
+
+    pub(crate) fn exists_on_disk(agent: &Agent, id: &InstanceId) -> bool {
+        dir_of(agent, id).exists()
+    }
+
+    pub(crate) fn request_stop(&self) {
+        self.stop_tx.send_replace(true);
+    }
+
+    /// Runs the instance from start (or adoption) to teardown.
+    pub(crate) async fn lifecycle(self: Arc<Self>, agent: Arc<Agent>, wants_run: bool) {
+        let id = self.id.clone();
+        if !wants_run {
+            self.teardown(&agent).await;
+            agent.report(&id, InstanceState::Stopped, None).await;
+            return;
+        }
+        let adopted =
+            matches!(agent.runc.state(id.as_str()).await, Some(s) if s.status == "running");
+        if adopted {
+            tracing::info!(instance_id = %id, "adopted running instance");
+        } else {
+            agent.report(&id, InstanceState::Starting, None).await;
+            let started = std::time::Instant::now();
+            if let Err(e) = self.start(&agent).await {
+                let reason = error_chain(&e);
+                tracing::warn!(instance_id = %id, error = %reason, "instance failed to start");
+                self.teardown(&agent).await;
+                agent.report(&id, InstanceState::Failed, Some(reason)).await;
+                return;
+            }
+            tracing::info!(instance_id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "instance started");
+        }
+
+        let mut stop_rx = self.stop_tx.subscribe();
+        let mut last: Option<InstanceState> = None;
+        loop {
+            if *stop_rx.borrow_and_update() {
+                break;
+            }
+            let running =
+                matches!(agent.runc.state(id.as_str()).await, Some(s) if s.status == "running");
+            if !running {
+                let reason = self.exit_reason().await;
+                tracing::warn!(instance_id = %id, reason = %reason, "instance exited");
+                self.teardown(&agent).await;
+                agent.report(&id, InstanceState::Failed, Some(reason)).await;
+                return;
+            }
+            let state = if self.healthy().await {
+                InstanceState::Healthy
+            } else {
+                InstanceState::Unhealthy
+            };
+            // Before the first healthy check an unhealthy result just means "still starting".
+            let report = match (last, state) {
+                (None, InstanceState::Unhealthy) => None,
+                (prev, s) if prev != Some(s) => Some(s),
+                _ => None,
+            };
+            if let Some(s) = report {
+                agent.report(&id, s, None).await;
+                last = Some(s);
+            }
+            let pause = if last.is_none() {
+                STARTUP_CHECK_INTERVAL
+            } else {
+                agent.config.health_interval
+            };
+            tokio::select! {
+                _ = stop_rx.changed() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        agent.report(&id, InstanceState::Stopping, None).await;
+        self.stop(&agent).await;
+        self.teardown(&agent).await;
+        agent.report(&id, InstanceState::Stopped, None).await;
+        tracing::info!(instance_id = %id, "instance stopped");
+    }
+
+    async fn start(&self, agent: &Agent) -> Result<(), AgentError> {
+        let image = agent.images.prepare(&self.spec.image).await?;
+        let ferr = |path: &Path| {
+            let path = path.to_owned();
+            let instance = self.id.clone();
+            move |source| AgentError::InstanceFile {
+                instance,
+                path,
+                source,
+            }
+        };
+        for sub in ["upper", "work", "rootfs"] {
+            let p = self.dir.join(sub);
+            tokio::fs::create_dir_all(&p).await.map_err(ferr(&p))?;
+        }
+        let spec_path = self.dir.join("spec.json");
+        tokio::fs::write(
+            &spec_path,
+            serde_json::to_vec_pretty(&self.spec).unwrap_or_default(),
+        )
+        .await
+        .map_err(ferr(&spec_path))?;
+
+        let rootfs = self.dir.join("rootfs");
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            image.rootfs.display(),
+            self.dir.join("upper").display(),
+            self.dir.join("work").display()
+        );
+        run_cmd(
+            "mount",
+            &[
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                &opts,
+                &rootfs.display().to_string(),
+            ],
+        )
+        .await?;
+
+        let run = run_config(&self.spec, &image, &rootfs).await?;
+        let kiln_dir = rootfs.join(".kiln");
+        tokio::fs::create_dir_all(&kiln_dir)
+            .await
+            .map_err(ferr(&kiln_dir))?;
+        let run_path = kiln_dir.join("run.json");
+        tokio::fs::write(&run_path, serde_json::to_vec(&run).unwrap_or_default())
+            .await
+            .map_err(ferr(&run_path))?;
+        // runc bind-mounts kiln-init here; the mount point must exist.
+        let init_point = kiln_dir.join("init");
+        tokio::fs::write(&init_point, b"")
+            .await
+            .map_err(ferr(&init_point))?;
+
+        netlink::create(&self.netns, &self.host_if, self.spec.network.ipv6).await?;
+
+        let bundle =
+            super::runc::bundle_config(&self.spec, &rootfs, &agent.config.init_binary, &self.netns);
+        let cfg_path = self.dir.join("config.json");
+        tokio::fs::write(
+            &cfg_path,
+            serde_json::to_vec_pretty(&bundle).unwrap_or_default(),
+        )
+        .await
+        .map_err(ferr(&cfg_path))?;
+        agent
+            .runc
+            .run(self.id.as_str(), &self.dir, &self.dir.join("log"))
+            .await
+    }
+
+    /// All services accept TCP connections on the instance's address.
+    async fn healthy(&self) -> bool {
+        for svc in &self.spec.services {
+            let addr = std::net::SocketAddr::new(self.spec.network.ipv6.into(), svc.internal_port);
+            match tokio::time::timeout(CHECK_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    async fn exit_reason(&self) -> String {
+        let status = tokio::fs::read(self.dir.join("rootfs/.kiln/exit.json"))
+            .await
+            .ok();
+        let mut reason =
+            match status.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
+                Some(v) if v["signal"].is_number() => format!("killed by signal {}", v["signal"]),
+                Some(v) => format!("exited with code {}", v["code"]),
+                None => "exited".to_owned(),
+            };
+        let log = tokio::fs::read_to_string(self.dir.join("log"))
+            .await
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        if !tail.is_empty() {
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            reason.push_str("; last output: ");
+            reason.push_str(&tail.join(" | "));
+        }
+        reason
+    }
+
+    async fn stop(&self, agent: &Agent) {
+        let id = self.id.as_str();
+        if agent.runc.kill(id, &self.spec.stop.signal).await.is_err() {
+            return;
+        }
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.spec.stop.timeout_ms);
+        while tokio::time::Instant::now() < deadline {
+            match agent.runc.state(id).await {
+                Some(s) if s.status == "running" => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                _ => return,
+            }
+        }
+        tracing::warn!(instance_id = %id, "instance ignored its stop signal; killing");
+        let _ = agent.runc.kill(id, "SIGKILL").await;
+    }
+
+    /// Removes everything the instance had on the host. Safe to call on a half-started instance.
+    async fn teardown(&self, agent: &Agent) {
+        agent.runc.delete(self.id.as_str()).await;
+        let rootfs = self.dir.join("rootfs");
+        if is_mountpoint(&rootfs).await
+            && run_cmd("umount", &[&rootfs.display().to_string()])
+                .await
+                .is_err()
+        {
+            let _ = run_cmd("umount", &["-l", &rootfs.display().to_string()]).await;
+        }
+        netlink::delete(&self.netns, &self.host_if).await;
+        if let Err(e) = tokio::fs::remove_dir_all(&self.dir).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(instance_id = %self.id, error = %e, "cannot remove instance directory");
+            }
+        }
+    }
+}
+
+fn dir_of(agent: &Agent, id: &InstanceId) -> PathBuf {
+    agent.config.data_dir.join("instances").join(id.as_str())
+}
+
+async fn is_mountpoint(path: &Path) -> bool {
+    let mounts = tokio::fs::read_to_string("/proc/self/mountinfo")
+        .await
+        .unwrap_or_default();
+    let p = path.display().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+async fn run_cmd(program: &str, args: &[&str]) -> Result<(), AgentError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|source| AgentError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(AgentError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Resolves what kiln-init runs: image config merged with the WorkloadSpec (Docker semantics: an
+/// overridden entrypoint drops the image's cmd).
+async fn run_config(
+    spec: &WorkloadSpec,
+    image: &PreparedImage,
+    rootfs: &Path,
+) -> Result<RunConfig, AgentError> {
+    let cfg = &image.config;
+    let (entrypoint, cmd) = match (&spec.entrypoint, &spec.command) {
+        (Some(e), c) => (e.clone(), c.clone().unwrap_or_default()),
+        (None, Some(c)) => (cfg.entrypoint.clone().unwrap_or_default(), c.clone()),
+        (None, None) => (
+            cfg.entrypoint.clone().unwrap_or_default(),
+            cfg.cmd.clone().unwrap_or_default(),
+        ),
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if argv.is_empty() {
+        return Err(AgentError::NoCommand);
+    }
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert(
+        "PATH".into(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+    );
+    for kv in &cfg.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            env.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.insert("KILN_APP_NAME".into(), spec.app_name.to_string());
+    env.insert("KILN_INSTANCE_ID".into(), spec.instance_id.to_string());
+    env.insert(
+        "KILN_RELEASE_VERSION".into(),
+        spec.release_version.to_string(),
+    );
+    env.insert("KILN_PRIVATE_IP".into(), spec.network.ipv6.to_string());
+    let (uid, gid) = resolve_user(cfg.user.as_deref(), rootfs).await?;
+    Ok(RunConfig {
+        argv,
+        env,
+        workdir: cfg.working_dir.clone().unwrap_or_else(|| "/".into()),
+        uid,
+        gid,
+        hostname: spec.instance_id.as_str().replace('_', "-"),
+        stop_signal: spec.stop.signal.clone(),
+        stop_timeout_ms: spec.stop.timeout_ms,
+    })
+}
+
+/// `user`, `uid`, `user:group` or `uid:gid`, names looked up in the image's own passwd/group.
+async fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), AgentError> {
+    let Some(user) = user else { return Ok((0, 0)) };
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let unknown = || AgentError::UnknownUser {
+        user: user.to_owned(),
+    };
+    let passwd = tokio::fs::read_to_string(rootfs.join("etc/passwd"))
+        .await
+        .unwrap_or_default();
+    let (uid, primary_gid) = match u.parse::<u32>() {
+        Ok(n) => (
+            n,
+            passwd
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.get(2) == Some(&u))
+                .and_then(|f| f.get(3)?.parse().ok())
+                .unwrap_or(n),
+        ),
+        Err(_) => {
+            let f: Vec<&str> = passwd
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.first() == Some(&u))
+                .ok_or_else(unknown)?;
+            (
+                f.get(2).and_then(|s| s.parse().ok()).ok_or_else(unknown)?,
+                f.get(3).and_then(|s| s.parse().ok()).ok_or_else(unknown)?,
+            )
+        }
+    };
+    let gid = match g {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => {
+                let group = tokio::fs::read_to_string(rootfs.join("etc/group"))
+                    .await
+                    .unwrap_or_default();
+                group
+                    .lines()
+                    .map(|l| l.split(':').collect::<Vec<_>>())
+                    .find(|f| f.first() == Some(&g))
+                    .and_then(|f| f.get(2)?.parse().ok())
+                    .ok_or_else(unknown)?
+            }
+        },
+    };
+    Ok((uid, gid))
+}

@@ -1,0 +1,209 @@
+//! The Kiln host agent.
+//!
+//! This crate owns everything that happens on one host: registering with the control plane,
+//! following the host's assignments, pulling and caching images, building each instance's root
+//! filesystem, wiring its network, running it under the host's runtime driver, checking its health
+//! and reporting its state. It does not decide what runs where (the control plane does) and does
+//! not route traffic from outside (the edge does).
+//!
+//! The agent is level-triggered like the reconciler: each assignments snapshot is compared with
+//! what runs on the host, and the difference is acted on. Instances outlive the agent: a restarted
+//! agent finds them by their state directory and adopts them instead of restarting them.
+
+mod error;
+mod image;
+mod instance;
+mod netlink;
+mod runc;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use kiln_api::{Assignment, Client, InstanceReport, RegisterHost};
+use kiln_types::event::Driver;
+use kiln_types::{HostId, InstanceId, InstanceState, MiB, MilliCpu};
+
+pub use error::AgentError;
+
+/// Host agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Images, rootfs trees and instance state live here.
+    pub data_dir: PathBuf,
+    /// Name the host registers under (stable across restarts).
+    pub host_name: String,
+    /// Path of the static `kiln-init` binary placed in every instance.
+    pub init_binary: PathBuf,
+    /// The `runc` binary.
+    pub runc: PathBuf,
+    /// Capacity offered to the scheduler.
+    pub cpu: MilliCpu,
+    pub memory: MiB,
+    /// Registries reached over plain HTTP (loopback always is).
+    pub plain_http_registries: Vec<String>,
+    /// How often running instances are health-checked.
+    pub health_interval: Duration,
+}
+
+/// A running agent.
+pub struct Agent {
+    pub(crate) config: AgentConfig,
+    pub(crate) client: Client,
+    pub(crate) host_id: HostId,
+    pub(crate) images: image::ImageCache,
+    pub(crate) runc: runc::Runc,
+    pub(crate) instances: Mutex<HashMap<InstanceId, Arc<instance::Instance>>>,
+}
+
+impl Agent {
+    /// Registers the host and prepares its state directory and host network.
+    pub async fn start(config: AgentConfig, client: Client) -> Result<Arc<Agent>, AgentError> {
+        for dir in ["images", "blobs", "instances"] {
+            let p = config.data_dir.join(dir);
+            tokio::fs::create_dir_all(&p)
+                .await
+                .map_err(|source| AgentError::StateDir {
+                    path: p.clone(),
+                    source,
+                })?;
+        }
+        let reg = client
+            .register_host(&RegisterHost {
+                name: config.host_name.clone(),
+                driver: Driver::Runc,
+                cpu: config.cpu,
+                memory: config.memory,
+            })
+            .await
+            .map_err(|source| AgentError::Register {
+                source: Box::new(source),
+            })?;
+        netlink::ensure_host_interface(reg.index).await?;
+        let images = image::ImageCache::new(&config)?;
+        tracing::info!(host_id = %reg.host_id, index = reg.index, "agent registered");
+        Ok(Arc::new(Agent {
+            runc: runc::Runc {
+                binary: config.runc.clone(),
+                root: config.data_dir.join("runc"),
+            },
+            config,
+            client,
+            host_id: reg.host_id,
+            images,
+            instances: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn host_id(&self) -> &HostId {
+        &self.host_id
+    }
+
+    /// Follows the host's assignments forever.
+    pub async fn run(self: Arc<Self>) {
+        let mut seq = 0;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self
+                .client
+                .assignments(&self.host_id, seq, Duration::from_secs(25))
+                .await
+            {
+                Ok(a) => {
+                    backoff = Duration::from_millis(200);
+                    seq = a.seq;
+                    self.apply(a.assignments).await;
+                }
+                Err(e) => {
+                    // Instances keep running while the control plane is away; retry with backoff.
+                    tracing::warn!(error = %error_chain(&e), "cannot fetch assignments; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn apply(self: &Arc<Self>, assignments: Vec<Assignment>) {
+        let mut known = self.instances.lock().await;
+        for a in assignments {
+            let id = a.spec.instance_id.clone();
+            if let Err(e) = a.spec.check_version() {
+                // Rejected whole, before anything is applied.
+                let report = InstanceReport {
+                    state: InstanceState::Failed,
+                    reason: Some(e.to_string()),
+                };
+                let _ = self
+                    .client
+                    .report_instance(&self.host_id, &id, &report)
+                    .await;
+                continue;
+            }
+            match known.get(&id) {
+                Some(inst) => {
+                    if !a.desired_running {
+                        inst.request_stop();
+                    }
+                }
+                None => {
+                    let wants_run = a.desired_running && !a.state.is_terminal();
+                    let leftovers = instance::Instance::exists_on_disk(self, &id);
+                    if !wants_run && !leftovers && a.state.is_terminal() {
+                        continue;
+                    }
+                    let inst = Arc::new(instance::Instance::new(self, a.spec));
+                    known.insert(id.clone(), inst.clone());
+                    let agent = self.clone();
+                    tokio::spawn(async move {
+                        inst.clone().lifecycle(agent.clone(), wants_run).await;
+                        agent.instances.lock().await.remove(&inst.id);
+                    });
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn report(
+        &self,
+        id: &InstanceId,
+        state: InstanceState,
+        reason: Option<String>,
+    ) {
+        let report = InstanceReport { state, reason };
+        let mut delay = Duration::from_millis(100);
+        // Reports queue here while the control plane is unreachable and are sent when it returns.
+        loop {
+            match self
+                .client
+                .report_instance(&self.host_id, id, &report)
+                .await
+            {
+                Ok(()) => return,
+                Err(e) if e.is_unreachable() => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::warn!(instance_id = %id, error = %error_chain(&e), "instance report rejected");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Formats an error and its sources as `a: b: c`.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}

@@ -1,0 +1,112 @@
+//! Host networking for instances, through iproute2.
+//!
+//! Each instance gets its own network namespace joined to the host by a veth pair:
+//! - host side `kv<id>`: link-local `fe80::1` and a /128 route to the instance's address;
+//! - instance side `eth0`: the instance's overlay address (/128) and a default route via `fe80::1`.
+//!
+//! The host's own overlay address (`::1` of its /64) sits on a `kiln0` dummy interface (or `lo`) so that
+//! connections from the host (the edge, health checks) to instances pick it as source address.
+//! Addresses are added with `nodad`: they are unique by construction (IPAM), and duplicate address
+//! detection would delay every start by a second or more.
+
+use std::net::Ipv6Addr;
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::AgentError;
+
+pub(crate) const HOST_INTERFACE: &str = "kiln0";
+
+async fn ip(args: &[&str], batch: Option<&str>) -> Result<(), AgentError> {
+    let command = format!("ip {}", args.join(" "));
+    let mut child = Command::new("ip")
+        .args(args)
+        .stdin(if batch.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| AgentError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if let (Some(b), Some(mut stdin)) = (batch, child.stdin.take()) {
+        stdin
+            .write_all(b.as_bytes())
+            .await
+            .map_err(|source| AgentError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|source| AgentError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(AgentError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Puts the host's overlay address on `kiln0` (a dummy interface), or on `lo` where the kernel has
+/// no dummy driver. Idempotent.
+pub(crate) async fn ensure_host_interface(index: u16) -> Result<(), AgentError> {
+    let addr = format!("{}/128", kiln_types::net::host_address(index));
+    let mut dev = HOST_INTERFACE;
+    if ip(&["link", "show", HOST_INTERFACE], None).await.is_err()
+        && ip(&["link", "add", HOST_INTERFACE, "type", "dummy"], None)
+            .await
+            .is_err()
+    {
+        dev = "lo";
+    }
+    ip(&["link", "set", dev, "up"], None).await?;
+    ip(&["-6", "addr", "replace", &addr, "dev", dev, "nodad"], None).await
+}
+
+/// Names of an instance's namespace and host-side interface (at most 15 characters).
+pub(crate) fn names(suffix: &str) -> (String, String) {
+    (
+        format!("kiln-{suffix}"),
+        format!("kv{}", &suffix[..suffix.len().min(13)]),
+    )
+}
+
+/// Creates the namespace and veth pair of an instance with address `addr`.
+pub(crate) async fn create(netns: &str, host_if: &str, addr: Ipv6Addr) -> Result<(), AgentError> {
+    // A previous attempt may have left pieces behind; start clean.
+    delete(netns, host_if).await;
+    ip(&["netns", "add", netns], None).await?;
+    let host_side = format!(
+        "link add {host_if} type veth peer name eth0 netns {netns}\n\
+         link set {host_if} up\n\
+         addr add fe80::1/64 dev {host_if} nodad\n\
+         route replace {addr}/128 dev {host_if}\n"
+    );
+    ip(&["-batch", "-"], Some(&host_side)).await?;
+    let inside = format!(
+        "link set lo up\n\
+         link set eth0 up\n\
+         addr add {addr}/128 dev eth0 nodad\n\
+         route add ::/0 via fe80::1 dev eth0\n"
+    );
+    ip(&["-n", netns, "-batch", "-"], Some(&inside)).await
+}
+
+/// Removes an instance's veth pair and namespace; missing pieces are not an error.
+pub(crate) async fn delete(netns: &str, host_if: &str) {
+    let _ = ip(&["link", "del", host_if], None).await;
+    let _ = ip(&["netns", "del", netns], None).await;
+}

@@ -1,0 +1,480 @@
+//! The command tree and its handlers.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+use kiln_api::{ApiError, AppStatus, Client, CreateRelease};
+use kiln_types::event::ReleaseState;
+use kiln_types::AppName;
+
+use crate::context::{self, Context};
+use crate::exit;
+
+/// kiln — deploy and run apps on a Kiln platform.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage apps.
+    #[command(subcommand)]
+    Apps(AppsCmd),
+    /// Deploy a new release of an app and wait until it is healthy.
+    Deploy(DeployArgs),
+    /// Show an app's releases and instances.
+    Status(StatusArgs),
+    /// Work with kiln.toml.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Manage the control planes this CLI talks to.
+    #[command(subcommand)]
+    Context(ContextCmd),
+    /// Show who the current token belongs to.
+    Whoami,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppsCmd {
+    /// Create an app.
+    Create { name: String },
+    /// List the org's apps.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AppArg {
+    /// The app (default: `app` of ./kiln.toml).
+    #[arg(short = 'a', long = "app", global = true)]
+    pub app: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub app: AppArg,
+    /// Image to deploy (tag or digest); overrides `image` in kiln.toml.
+    #[arg(short = 'i', long)]
+    pub image: Option<String>,
+    /// Path of the manifest.
+    #[arg(short = 'c', long, default_value = "kiln.toml")]
+    pub config: PathBuf,
+    /// Return once the release is created, without waiting for health.
+    #[arg(long)]
+    pub detach: bool,
+    /// Give up waiting after this many seconds (the release keeps its own health timeout).
+    #[arg(long, default_value_t = 600)]
+    pub wait_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub app: AppArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Check a kiln.toml; exit 0 only when it is valid.
+    Validate {
+        #[arg(default_value = "kiln.toml")]
+        path: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContextCmd {
+    /// Add (or replace) a context and make it current.
+    Add {
+        name: String,
+        /// Control-plane URL, e.g. http://127.0.0.1:4280.
+        #[arg(long)]
+        api: String,
+        /// API token (`kiln_...`).
+        #[arg(long)]
+        token: String,
+    },
+    /// Make a context current.
+    Use { name: String },
+    /// List contexts.
+    List,
+}
+
+/// A failure with its exit code and a hint of what to do next.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: i32,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl CliError {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            hint: None,
+        }
+    }
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl From<ApiError> for CliError {
+    fn from(e: ApiError) -> Self {
+        match &e {
+            ApiError::Api { status, problem } => {
+                let detail = problem
+                    .detail
+                    .clone()
+                    .unwrap_or_else(|| problem.title.clone());
+                let (code, hint) = match *status {
+                    401 => (
+                        exit::AUTH,
+                        Some("check the token of the current context (`kiln context list`)"),
+                    ),
+                    403 => (
+                        exit::AUTH,
+                        Some("this token lacks the scope this command needs"),
+                    ),
+                    404 => (
+                        exit::NOT_FOUND,
+                        Some("check the name with `kiln apps list`"),
+                    ),
+                    422 if problem.code == "invalid_manifest" => (exit::INVALID_CONFIG, None),
+                    400..=499 => (exit::REJECTED, None),
+                    _ => (exit::FAILURE, None),
+                };
+                let mut err = CliError::new(code, format!("{detail} [{}]", problem.code));
+                if let Some(h) = hint {
+                    err = err.hint(h);
+                }
+                err
+            }
+            ApiError::Connect { url, .. } => CliError::new(
+                exit::UNREACHABLE,
+                format!("cannot reach the control plane at {url}"),
+            )
+            .hint("is `kilnd` running? check `kiln context list`"),
+            other => CliError::new(exit::FAILURE, error_chain(other)),
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
+fn client(ctx: &Context) -> Result<Client, CliError> {
+    Client::new(&ctx.api, &ctx.token).map_err(CliError::from)
+}
+
+/// The app to act on: `--app`, else `app` of ./kiln.toml.
+fn resolve_app(arg: &AppArg, manifest_path: &Path) -> Result<String, CliError> {
+    if let Some(a) = &arg.app {
+        return Ok(a.clone());
+    }
+    match std::fs::read_to_string(manifest_path) {
+        Ok(src) => kiln_manifest::parse(&manifest_path.display().to_string(), &src)
+            .map(|m| m.app.to_string())
+            .map_err(|e| CliError::new(exit::INVALID_CONFIG, e.report().trim_end().to_owned())),
+        Err(_) => Err(
+            CliError::new(exit::USAGE, "no app given and no kiln.toml here")
+                .hint("pass --app NAME (-a)"),
+        ),
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Apps(AppsCmd::Create { name }) => {
+            let name: AppName = name
+                .parse()
+                .map_err(|e| CliError::new(exit::USAGE, format!("invalid app name: {e}")))?;
+            let app = client(&context::current()?)?.create_app(&name).await?;
+            println!(
+                "Created app {} ({}), reachable at {} once deployed",
+                app.name, app.id, app.hostname
+            );
+            Ok(())
+        }
+        Command::Apps(AppsCmd::List { json }) => {
+            let apps = client(&context::current()?)?.list_apps().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&apps).unwrap_or_default()
+                );
+            } else {
+                println!("{:<24} {:<8} HOSTNAME", "NAME", "RELEASE");
+                for a in apps {
+                    let v = if a.latest_version == 0 {
+                        "-".into()
+                    } else {
+                        format!("v{}", a.latest_version)
+                    };
+                    println!("{:<24} {:<8} {}", a.name, v, a.hostname);
+                }
+            }
+            Ok(())
+        }
+        Command::Deploy(args) => deploy(args).await,
+        Command::Status(args) => {
+            let app = resolve_app(&args.app, Path::new("kiln.toml"))?;
+            let status = client(&context::current()?)?.status(&app).await?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Config(ConfigCmd::Validate { path }) => {
+            let src = std::fs::read_to_string(&path).map_err(|e| {
+                CliError::new(
+                    exit::INVALID_CONFIG,
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            match kiln_manifest::parse(&path.display().to_string(), &src) {
+                Ok(m) => {
+                    println!("{} is valid (app {})", path.display(), m.app);
+                    Ok(())
+                }
+                Err(e) => Err(CliError::new(
+                    exit::INVALID_CONFIG,
+                    format!("{} is invalid:\n{}", path.display(), e.report().trim_end()),
+                )),
+            }
+        }
+        Command::Context(cmd) => context_cmd(cmd).await,
+        Command::Whoami => {
+            let ctx = context::current()?;
+            let me = client(&ctx)?.whoami().await?;
+            println!(
+                "token {:?} of org {} at {} (scopes: {})",
+                me.token_name,
+                me.org_id,
+                ctx.api,
+                me.scopes.join(", ")
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn context_cmd(cmd: ContextCmd) -> Result<(), CliError> {
+    let mut file = context::load()?;
+    match cmd {
+        ContextCmd::Add { name, api, token } => {
+            let ctx = Context { api, token };
+            // Prove the pair works before saving it.
+            let me = client(&ctx)?.whoami().await?;
+            file.contexts.insert(name.clone(), ctx);
+            file.current = Some(name.clone());
+            context::save(&file)?;
+            println!(
+                "Context {name:?} added and selected (org {}, token {:?}).",
+                me.org_id, me.token_name
+            );
+        }
+        ContextCmd::Use { name } => {
+            if !file.contexts.contains_key(&name) {
+                return Err(
+                    CliError::new(exit::NOT_FOUND, format!("no context named {name:?}"))
+                        .hint("see `kiln context list`"),
+                );
+            }
+            file.current = Some(name.clone());
+            context::save(&file)?;
+            println!("Using context {name:?}.");
+        }
+        ContextCmd::List => {
+            for (name, ctx) in &file.contexts {
+                let mark = if file.current.as_deref() == Some(name) {
+                    "*"
+                } else {
+                    " "
+                };
+                println!("{mark} {name:<16} {}", ctx.api);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn deploy(args: DeployArgs) -> Result<(), CliError> {
+    let path = &args.config;
+    let src = std::fs::read_to_string(path).map_err(|e| {
+        CliError::new(
+            exit::INVALID_CONFIG,
+            format!("cannot read {}: {e}", path.display()),
+        )
+        .hint("run from the app's directory or pass --config PATH")
+    })?;
+    let file = path.display().to_string();
+    // Validate locally first: every problem, with line and column, before anything is sent.
+    let manifest = kiln_manifest::parse(&file, &src).map_err(|e| {
+        CliError::new(
+            exit::INVALID_CONFIG,
+            format!(
+                "{file} is invalid; nothing was deployed:\n{}",
+                e.report().trim_end()
+            ),
+        )
+    })?;
+    let app = args
+        .app
+        .app
+        .clone()
+        .unwrap_or_else(|| manifest.app.to_string());
+    let c = client(&context::current()?)?;
+    let key = format!("deploy-{}", kiln_types::ReleaseId::generate().suffix());
+    let body = CreateRelease {
+        image: args.image.clone(),
+        manifest: src,
+        manifest_file: Some(file),
+    };
+    let release = c.create_release(&app, &body, &key).await?;
+    println!(
+        "==> Release v{} of {app}: {}",
+        release.version, release.image
+    );
+    if args.detach {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.wait_timeout);
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let status = c.status(&app).await?;
+        for i in status
+            .instances
+            .iter()
+            .filter(|i| i.release_version == release.version)
+        {
+            let line = match &i.reason {
+                Some(r) if i.state.is_terminal() => format!("{} ({r})", i.state),
+                _ => i.state.to_string(),
+            };
+            if seen.get(i.id.as_str()) != Some(&line) {
+                println!("    instance {} [{}]: {line}", i.id, i.ipv6);
+                seen.insert(i.id.to_string(), line);
+            }
+        }
+        let Some(rel) = status
+            .releases
+            .iter()
+            .find(|r| r.version == release.version)
+        else {
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!("release v{} disappeared", release.version),
+            ));
+        };
+        match rel.state {
+            ReleaseState::Healthy => {
+                println!(
+                    "==> v{} is healthy and serving at {} ({:.1}s)",
+                    rel.version,
+                    status.app.hostname,
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            ReleaseState::Failed | ReleaseState::Superseded => {
+                let why = rel
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| rel.state.as_str().to_owned());
+                let serving = status
+                    .current
+                    .as_ref()
+                    .map(|r| format!("v{} keeps serving", r.version))
+                    .unwrap_or_else(|| "nothing was serving before".into());
+                return Err(CliError::new(
+                    exit::DEPLOY_FAILED,
+                    format!(
+                        "release v{} {}: {why}; {serving}",
+                        rel.version,
+                        rel.state.as_str()
+                    ),
+                )
+                .hint("see `kiln status` for instance details"));
+            }
+            ReleaseState::Deploying => {}
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::new(
+                exit::DEPLOY_FAILED,
+                format!(
+                    "release v{} not healthy after {}s; it keeps deploying",
+                    release.version, args.wait_timeout
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_status(s: &AppStatus) {
+    println!("App        {} ({})", s.app.name, s.app.id);
+    println!("Hostname   {}", s.app.hostname);
+    match &s.current {
+        Some(r) => println!("Serving    v{} {}", r.version, r.image),
+        None => println!("Serving    nothing yet"),
+    }
+    println!();
+    println!("RELEASES");
+    println!("{:<8} {:<11} {:<20} REASON", "VERSION", "STATE", "CREATED");
+    for r in s.releases.iter().rev().take(10) {
+        println!(
+            "v{:<7} {:<11} {:<20} {}",
+            r.version,
+            r.state.as_str(),
+            r.created_at,
+            r.reason.as_deref().unwrap_or("")
+        );
+    }
+    println!();
+    println!("INSTANCES");
+    println!(
+        "{:<26} {:<8} {:<10} {:<28} REASON",
+        "ID", "RELEASE", "STATE", "ADDRESS"
+    );
+    for i in &s.instances {
+        println!(
+            "{:<26} v{:<7} {:<10} {:<28} {}",
+            i.id,
+            i.release_version,
+            i.state,
+            i.ipv6,
+            i.reason.as_deref().unwrap_or("")
+        );
+    }
+}

@@ -1,0 +1,545 @@
+//! The `/v1` routes.
+//!
+//! Every handler: authenticate (the [`Principal`] extractor), check scope, read views or append
+//! events, answer JSON. Resources of another org answer exactly like missing ones (404), so a
+//! token cannot probe for names it does not own.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sha2::{Digest, Sha256};
+
+use kiln_api::{
+    App, AppStatus, Assignment, Assignments, CreateApp, CreateRelease, HostRegistration, Instance,
+    InstanceReport, RegisterHost, Release, Route, RouteTable, WatchQuery, WhoAmI, IDEMPOTENCY_KEY,
+    REQUEST_ID,
+};
+use kiln_store::{
+    AppRow, Append, ExpectedVersion, Idempotency, InstanceRow, Metadata, NewEvent, ReleaseRow,
+};
+use kiln_types::event::{Event, ReleaseState};
+use kiln_types::{AppId, HostId, InstanceId, ReleaseId, ServiceProtocol};
+
+use crate::auth::{Principal, Scope};
+use crate::error::ApiFailure;
+use crate::Control;
+
+type Ctl = State<Arc<Control>>;
+type ApiResult<T> = Result<T, ApiFailure>;
+
+pub(crate) fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/v1/healthz", get(|| async { "ok" }))
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/apps", get(list_apps).post(create_app))
+        .route("/v1/apps/{app}/status", get(app_status))
+        .route(
+            "/v1/apps/{app}/releases",
+            get(list_releases).post(create_release),
+        )
+        .route("/v1/apps/{app}/releases/{version}", get(get_release))
+        .route("/v1/hosts", post(register_host))
+        .route("/v1/hosts/{host}/assignments", get(assignments))
+        .route(
+            "/v1/hosts/{host}/instances/{instance}/report",
+            post(report_instance),
+        )
+        .route("/v1/routes", get(routes))
+        .layer(middleware::from_fn(request_id))
+        .with_state(control)
+}
+
+/// Gives every response an `x-request-id` (the caller's, if it sent a sane one).
+async fn request_id(req: Request<axum::body::Body>, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("req_{}", kiln_types::InstanceId::generate().suffix()));
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+fn metadata(p: &Principal, headers: &HeaderMap) -> Metadata {
+    Metadata {
+        actor: p.actor(),
+        request_id: headers
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        ..Default::default()
+    }
+}
+
+async fn whoami(p: Principal) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        org_id: p.org_id,
+        token_name: p.token_name,
+        scopes: p.scopes,
+    })
+}
+
+fn app_view(c: &Control, row: AppRow) -> App {
+    App {
+        hostname: format!("{}.{}", row.name, c.config.app_domain),
+        id: row.id,
+        org_id: row.org_id,
+        name: row.name,
+        created_at: row.created_at,
+        latest_version: row.release_count,
+    }
+}
+
+fn release_view(r: ReleaseRow) -> Release {
+    Release {
+        id: r.id,
+        app_id: r.app_id,
+        version: r.version,
+        image_input: r.image_input,
+        image: r.image,
+        state: r.state,
+        reason: r.reason,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    }
+}
+
+fn instance_view(i: InstanceRow) -> Instance {
+    Instance {
+        ipv6: i.spec.network.ipv6,
+        process: i.spec.process.clone(),
+        id: i.id,
+        release_version: i.release_version,
+        host_id: i.host_id,
+        state: i.state,
+        reason: i.reason,
+        desired_running: i.desired_running,
+        updated_at: i.updated_at,
+    }
+}
+
+/// The app named `name`, if it exists and belongs to the caller's org.
+async fn owned_app(c: &Control, p: &Principal, name: &str) -> ApiResult<AppRow> {
+    match c.store.app_by_name(name.to_owned()).await? {
+        Some(app) if app.org_id == p.org_id => Ok(app),
+        _ => Err(ApiFailure::not_found("app", name)),
+    }
+}
+
+async fn list_apps(State(c): Ctl, p: Principal) -> ApiResult<Json<Vec<App>>> {
+    p.require(Scope::Read)?;
+    let rows = c.store.apps(Some(p.org_id.clone())).await?;
+    Ok(Json(rows.into_iter().map(|r| app_view(&c, r)).collect()))
+}
+
+async fn create_app(
+    State(c): Ctl,
+    p: Principal,
+    headers: HeaderMap,
+    Json(body): Json<CreateApp>,
+) -> ApiResult<(StatusCode, Json<App>)> {
+    p.require(Scope::Deploy)?;
+    if c.store.app_by_name(body.name.to_string()).await?.is_some() {
+        return Err(ApiFailure::new(
+            StatusCode::CONFLICT,
+            "app_exists",
+            format!(
+                "an app named {:?} already exists; app names are unique across the platform",
+                body.name.as_str()
+            ),
+        ));
+    }
+    let app_id = AppId::generate();
+    let event = Event::AppCreated {
+        app_id: app_id.clone(),
+        org_id: p.org_id.clone(),
+        name: body.name.clone(),
+    };
+    let res = c
+        .store
+        .append(Append {
+            events: vec![NewEvent {
+                event,
+                expected: ExpectedVersion::NoStream,
+            }],
+            metadata: metadata(&p, &headers),
+            idempotency: None,
+        })
+        .await;
+    match res {
+        Ok(_) => {}
+        // Two creates raced past the check above; the view's unique name decides.
+        Err(kiln_store::StoreError::ApplyView { .. }) => {
+            return Err(ApiFailure::new(
+                StatusCode::CONFLICT,
+                "app_exists",
+                format!("an app named {:?} already exists", body.name.as_str()),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let row = c
+        .store
+        .app_by_name(body.name.to_string())
+        .await?
+        .ok_or_else(|| ApiFailure::not_found("app", body.name.as_str()))?;
+    tracing::info!(app_id = %app_id, app = %body.name, "app created");
+    Ok((StatusCode::CREATED, Json(app_view(&c, row))))
+}
+
+async fn app_status(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+) -> ApiResult<Json<AppStatus>> {
+    p.require(Scope::Read)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let releases: Vec<Release> = c
+        .store
+        .releases(row.id.clone())
+        .await?
+        .into_iter()
+        .map(release_view)
+        .collect();
+    let current = releases
+        .iter()
+        .rev()
+        .find(|r| r.state == ReleaseState::Healthy)
+        .cloned();
+    let instances = c
+        .store
+        .instances_of_app(row.id.clone())
+        .await?
+        .into_iter()
+        .filter(|i| i.state != kiln_types::InstanceState::Stopped)
+        .map(instance_view)
+        .collect();
+    Ok(Json(AppStatus {
+        app: app_view(&c, row),
+        current,
+        releases,
+        instances,
+    }))
+}
+
+async fn list_releases(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+) -> ApiResult<Json<Vec<Release>>> {
+    p.require(Scope::Read)?;
+    let row = owned_app(&c, &p, &app).await?;
+    Ok(Json(
+        c.store
+            .releases(row.id)
+            .await?
+            .into_iter()
+            .map(release_view)
+            .collect(),
+    ))
+}
+
+async fn get_release(
+    State(c): Ctl,
+    p: Principal,
+    Path((app, version)): Path<(String, u64)>,
+) -> ApiResult<Json<Release>> {
+    p.require(Scope::Read)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let rel = c
+        .store
+        .release(row.id, version)
+        .await?
+        .ok_or_else(|| ApiFailure::not_found("release", &format!("v{version}")))?;
+    Ok(Json(release_view(rel)))
+}
+
+async fn create_release(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<CreateRelease>,
+) -> ApiResult<(StatusCode, Json<Release>)> {
+    p.require(Scope::Deploy)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let file = body
+        .manifest_file
+        .clone()
+        .unwrap_or_else(|| "kiln.toml".into());
+    let manifest = kiln_manifest::parse(&file, &body.manifest).map_err(|e| ApiFailure {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        code: "invalid_manifest",
+        detail: e.report().trim_end().to_owned(),
+        errors: serde_json::to_value(&e.problems).ok(),
+    })?;
+    let image_input = body
+        .image
+        .clone()
+        .or_else(|| manifest.image.clone())
+        .ok_or_else(|| {
+            ApiFailure::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "missing_image",
+                "no image given: set `image` in kiln.toml or pass --image",
+            )
+        })?;
+    let reference = kiln_oci::Reference::parse(&image_input).map_err(|e| {
+        ApiFailure::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_image_reference",
+            e.to_string(),
+        )
+    })?;
+
+    let idem_key = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let request_hash = hex::encode(Sha256::digest(
+        serde_json::to_vec(&(&body.image, &body.manifest)).unwrap_or_default(),
+    ));
+    let idempotency = idem_key.map(|key| Idempotency {
+        scope: format!("release:{}", row.id),
+        key,
+        request_hash,
+    });
+
+    // A retry with the same key is answered by the store from the log (the events recorded the
+    // first time), whatever the tag resolves to now.
+    let image = c.registry.resolve(&reference).await.map_err(|e| {
+        let detail = crate::error::error_chain(&e);
+        match e {
+            ref e2 if e2.is_not_found() => {
+                ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, "image_not_found", detail)
+            }
+            _ => ApiFailure::new(StatusCode::BAD_GATEWAY, "registry_error", detail),
+        }
+    })?;
+    let manifest_json = serde_json::to_value(&manifest).unwrap_or_default();
+    let stream = kiln_types::event::StreamRef {
+        kind: kiln_types::event::StreamType::App,
+        id: row.id.to_string(),
+    };
+    // Optimistic concurrency on the app stream makes release versions gap-free and unique.
+    for _ in 0..5 {
+        let current = c.store.stream_version(stream.clone()).await?;
+        let app_now = owned_app(&c, &p, &app).await?;
+        let release_id = ReleaseId::generate();
+        let event = Event::ReleaseCreated {
+            app_id: row.id.clone(),
+            release_id: release_id.clone(),
+            version: app_now.release_count + 1,
+            image_input: image_input.clone(),
+            image: image.clone(),
+            manifest: manifest_json.clone(),
+            manifest_source: body.manifest.clone(),
+        };
+        let res = c
+            .store
+            .append(Append {
+                events: vec![NewEvent {
+                    event,
+                    expected: ExpectedVersion::Exact(current),
+                }],
+                metadata: metadata(&p, &headers),
+                idempotency: idempotency.clone(),
+            })
+            .await;
+        match res {
+            Ok(out) => {
+                let version = match &out.events[0].event {
+                    Event::ReleaseCreated { version, .. } => *version,
+                    _ => app_now.release_count + 1,
+                };
+                let rel = c
+                    .store
+                    .release(row.id.clone(), version)
+                    .await?
+                    .ok_or_else(|| ApiFailure::not_found("release", &format!("v{version}")))?;
+                tracing::info!(app = %app, version, image = %rel.image, "release created");
+                return Ok((StatusCode::CREATED, Json(release_view(rel))));
+            }
+            Err(kiln_store::StoreError::VersionConflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiFailure::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        "too many concurrent releases of this app; retry",
+    ))
+}
+
+async fn register_host(
+    State(c): Ctl,
+    p: Principal,
+    headers: HeaderMap,
+    Json(body): Json<RegisterHost>,
+) -> ApiResult<Json<HostRegistration>> {
+    p.require(Scope::Host)?;
+    let hosts = c.store.hosts().await?;
+    let (host_id, index) = match hosts.iter().find(|h| h.name == body.name) {
+        Some(h) => (h.id.clone(), h.index),
+        None => (
+            HostId::generate(),
+            hosts.iter().map(|h| h.index).max().unwrap_or(0) + 1,
+        ),
+    };
+    let event = Event::HostRegistered {
+        host_id: host_id.clone(),
+        name: body.name.clone(),
+        index,
+        driver: body.driver,
+        cpu: body.cpu,
+        memory: body.memory,
+    };
+    c.store
+        .append(Append {
+            events: vec![NewEvent::any(event)],
+            metadata: metadata(&p, &headers),
+            idempotency: None,
+        })
+        .await?;
+    tracing::info!(host_id = %host_id, name = %body.name, index, "host registered");
+    Ok(Json(HostRegistration { host_id, index }))
+}
+
+/// Waits until the log's head passes `after` (or the wait ends); returns the head to report.
+async fn wait_past(c: &Control, q: &WatchQuery) -> u64 {
+    let mut rx = c.store.subscribe();
+    let after = q.after.unwrap_or(0);
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(c.config.max_watch);
+    if *rx.borrow_and_update() <= after && !wait.is_zero() {
+        let _ = tokio::time::timeout(wait, rx.wait_for(|h| *h > after)).await;
+    }
+    // Read the head before the views: the state returned is at least as new as the seq reported,
+    // so a watcher that polls again with this seq can never miss a change.
+    let head = *rx.borrow();
+    head
+}
+
+async fn assignments(
+    State(c): Ctl,
+    p: Principal,
+    Path(host): Path<String>,
+    Query(q): Query<WatchQuery>,
+) -> ApiResult<Json<Assignments>> {
+    p.require(Scope::Host)?;
+    let host: HostId = host
+        .parse()
+        .map_err(|_| ApiFailure::not_found("host", &host))?;
+    let seq = wait_past(&c, &q).await;
+    let rows = c.store.instances_on_host(host).await?;
+    let assignments = rows
+        .into_iter()
+        .filter(|i| !i.state.is_terminal() || i.desired_running)
+        .map(|i| Assignment {
+            desired_running: i.desired_running,
+            state: i.state,
+            spec: i.spec,
+        })
+        .collect();
+    Ok(Json(Assignments { seq, assignments }))
+}
+
+async fn report_instance(
+    State(c): Ctl,
+    p: Principal,
+    headers: HeaderMap,
+    Path((host, instance)): Path<(String, String)>,
+    Json(report): Json<InstanceReport>,
+) -> ApiResult<Json<serde_json::Value>> {
+    p.require(Scope::Host)?;
+    let id: InstanceId = instance
+        .parse()
+        .map_err(|_| ApiFailure::not_found("instance", &instance))?;
+    let row = c
+        .store
+        .instance(id.clone())
+        .await?
+        .ok_or_else(|| ApiFailure::not_found("instance", &instance))?;
+    if row.host_id.as_str() != host {
+        return Err(ApiFailure::not_found("instance", &instance));
+    }
+    if row.state != report.state || row.reason != report.reason {
+        let event = Event::InstanceStateChanged {
+            instance_id: id,
+            app_id: row.app_id,
+            state: report.state,
+            reason: report.reason.clone(),
+        };
+        c.store
+            .append(Append {
+                events: vec![NewEvent::any(event)],
+                metadata: metadata(&p, &headers),
+                idempotency: None,
+            })
+            .await?;
+    }
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn routes(
+    State(c): Ctl,
+    p: Principal,
+    Query(q): Query<WatchQuery>,
+) -> ApiResult<Json<RouteTable>> {
+    p.require(Scope::Edge)?;
+    let seq = wait_past(&c, &q).await;
+    let apps: BTreeMap<AppId, AppRow> = c
+        .store
+        .apps(None)
+        .await?
+        .into_iter()
+        .map(|a| (a.id.clone(), a))
+        .collect();
+    let mut table: BTreeMap<String, Route> = BTreeMap::new();
+    for inst in c.store.all_instances().await? {
+        if inst.state != kiln_types::InstanceState::Healthy || !inst.desired_running {
+            continue;
+        }
+        let Some(app) = apps.get(&inst.app_id) else {
+            continue;
+        };
+        for svc in inst
+            .spec
+            .services
+            .iter()
+            .filter(|s| s.protocol == ServiceProtocol::Tls)
+        {
+            let backend = SocketAddr::new(inst.spec.network.ipv6.into(), svc.internal_port);
+            let default_host = format!("{}.{}", app.name, c.config.app_domain);
+            for hostname in std::iter::once(default_host).chain(svc.hostnames.iter().cloned()) {
+                let route = table.entry(hostname.clone()).or_insert_with(|| Route {
+                    hostname,
+                    app: app.name.clone(),
+                    proxy_protocol: svc.proxy_protocol,
+                    backends: Vec::new(),
+                });
+                route.backends.push(backend);
+            }
+        }
+    }
+    Ok(Json(RouteTable {
+        seq,
+        routes: table.into_values().collect(),
+    }))
+}

@@ -1,0 +1,172 @@
+//! The Kiln control plane.
+//!
+//! This crate owns the HTTP API under `/v1` (authentication, tenancy, request ids, problem
+//! responses), the decisions that turn requests into events (apps, releases, host registration,
+//! instance reports), and the reconciler that drives releases to running instances through the
+//! scheduler. State lives in `kiln-store`; placement math in `kiln-scheduler`; image resolution in
+//! `kiln-oci`. It never runs workloads or proxies traffic: agents and edges do, talking to this
+//! crate only over the API.
+
+mod api;
+mod auth;
+mod error;
+mod reconciler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_store::Store;
+use kiln_types::OrgId;
+
+pub use auth::{generate_token, hash_token, Scope};
+pub use error::ControlError;
+pub use reconciler::Reconciler;
+
+/// Control-plane settings.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Apps get `<app>.<dev_domain>` as their default hostname.
+    pub app_domain: String,
+    /// Registry hosts reached over plain HTTP (loopback always is).
+    pub plain_http_registries: Vec<String>,
+    /// Longest a watch request may wait.
+    pub max_watch: Duration,
+    /// How often the reconciler re-checks deadlines when nothing happens.
+    pub reconcile_tick: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            app_domain: "kiln.test".into(),
+            plain_http_registries: Vec::new(),
+            max_watch: Duration::from_secs(60),
+            reconcile_tick: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Shared state of the control-plane service.
+pub struct Control {
+    pub(crate) store: Store,
+    pub(crate) config: ControlConfig,
+    pub(crate) registry: kiln_oci::RegistryClient,
+}
+
+/// What first start created: the one org and its admin token (shown once, stored only as a hash).
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    pub org_id: OrgId,
+    pub admin_token: String,
+}
+
+impl Control {
+    pub fn new(store: Store, config: ControlConfig) -> Result<Arc<Control>, ControlError> {
+        let registry = kiln_oci::RegistryClient::new(kiln_oci::ClientConfig {
+            plain_http: config.plain_http_registries.clone(),
+            ..Default::default()
+        })
+        .map_err(|source| ControlError::RegistryClient { source })?;
+        Ok(Arc::new(Control {
+            store,
+            config,
+            registry,
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The axum router serving the API.
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        api::router(self.clone())
+    }
+
+    /// On an empty store, creates the first org and an admin token. Returns `None` when the store
+    /// already has an org.
+    pub async fn bootstrap(&self, org_name: &str) -> Result<Option<Bootstrap>, ControlError> {
+        if self
+            .store
+            .orgs_count()
+            .await
+            .map_err(ControlError::store("count orgs"))?
+            > 0
+        {
+            return Ok(None);
+        }
+        let org_id = OrgId::generate();
+        let (admin_token, token_event) =
+            auth::new_token_event(&org_id, "admin", &[Scope::Admin], None);
+        let events = vec![
+            kiln_store::NewEvent {
+                event: kiln_types::event::Event::OrgCreated {
+                    org_id: org_id.clone(),
+                    name: org_name.to_owned(),
+                },
+                expected: kiln_store::ExpectedVersion::NoStream,
+            },
+            kiln_store::NewEvent::any(token_event),
+        ];
+        self.store
+            .append(kiln_store::Append {
+                events,
+                metadata: kiln_store::Metadata {
+                    actor: "system:bootstrap".into(),
+                    ..Default::default()
+                },
+                idempotency: None,
+            })
+            .await
+            .map_err(ControlError::store("bootstrap org"))?;
+        Ok(Some(Bootstrap {
+            org_id,
+            admin_token,
+        }))
+    }
+
+    /// Creates a token for `org` with `scopes`, returning the secret (shown once).
+    pub async fn create_token(
+        &self,
+        org: &OrgId,
+        name: &str,
+        scopes: &[Scope],
+    ) -> Result<String, ControlError> {
+        let (token, event) = auth::new_token_event(org, name, scopes, None);
+        self.store
+            .append(kiln_store::Append {
+                events: vec![kiln_store::NewEvent::any(event)],
+                metadata: kiln_store::Metadata {
+                    actor: "system:bootstrap".into(),
+                    ..Default::default()
+                },
+                idempotency: None,
+            })
+            .await
+            .map_err(ControlError::store("create token"))?;
+        Ok(token)
+    }
+
+    /// Whether a token (by its secret) is known to the store.
+    pub async fn token_is_valid(&self, token: &str) -> Result<bool, ControlError> {
+        Ok(self
+            .store
+            .token_by_hash(hash_token(token))
+            .await
+            .map_err(ControlError::store("look up token"))?
+            .is_some())
+    }
+
+    /// The org of the single-org bootstrap, for `kilnd dev`.
+    pub async fn first_org(&self) -> Result<Option<OrgId>, ControlError> {
+        let events = self
+            .store
+            .read_after(0, 1)
+            .await
+            .map_err(ControlError::store("read first event"))?;
+        Ok(events.into_iter().find_map(|e| match e.event {
+            kiln_types::event::Event::OrgCreated { org_id, .. } => Some(org_id),
+            _ => None,
+        }))
+    }
+}

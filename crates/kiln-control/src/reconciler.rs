@@ -1,0 +1,404 @@
+//! The reconciler: drives every release toward its desired state.
+//!
+//! It is level-triggered: each pass reads the views, compares desired with actual, and appends the
+//! events that close the gap. A pass is idempotent (running it twice appends nothing new the second
+//! time) and keeps no state between passes, so a control plane killed mid-deploy resumes where the
+//! log says it was.
+//!
+//! Per app, a deploy proceeds like this:
+//! 1. the newest `deploying` release gets its instances placed (one `instance_placed` each);
+//! 2. when all of them report healthy, it becomes `healthy` and the previous healthy release is
+//!    `superseded`, which requests a stop of its instances;
+//! 3. if any instance fails, or the health timeout passes, the release is `failed` and its
+//!    instances are stopped; the previous release was never touched, so it keeps serving.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kiln_manifest::Manifest;
+use kiln_scheduler::{HostCapacity, Policy, Request};
+use kiln_store::{Append, InstanceRow, Metadata, NewEvent, ReleaseRow};
+use kiln_types::event::{Event, ReleaseState};
+use kiln_types::workload::{NetworkSpec, VmSpec};
+use kiln_types::{
+    now_millis, AppId, HostId, InstanceId, InstanceState, MiB, MilliCpu, ServiceSpec, StopSpec,
+    WorkloadSpec, WORKLOAD_SPEC_VERSION,
+};
+
+use crate::error::ControlError;
+use crate::Control;
+
+pub struct Reconciler {
+    control: Arc<Control>,
+}
+
+impl Reconciler {
+    pub fn new(control: Arc<Control>) -> Self {
+        Self { control }
+    }
+
+    /// Runs passes forever: after every change to the log, and on a tick for deadlines.
+    pub async fn run(self) {
+        let mut head = self.control.store.subscribe();
+        loop {
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %crate::error::error_chain(&e), "reconcile pass failed");
+            }
+            tokio::select! {
+                _ = head.changed() => {}
+                _ = tokio::time::sleep(self.control.config.reconcile_tick) => {}
+            }
+        }
+    }
+
+    /// One pass over every app with a release in progress or serving.
+    pub async fn pass(&self) -> Result<(), ControlError> {
+        let store = &self.control.store;
+        let hosts = store
+            .hosts()
+            .await
+            .map_err(ControlError::store("list hosts"))?;
+        let instances = store
+            .all_instances()
+            .await
+            .map_err(ControlError::store("list instances"))?;
+        let mut releases: BTreeMap<AppId, Vec<ReleaseRow>> = BTreeMap::new();
+        for state in [
+            ReleaseState::Deploying,
+            ReleaseState::Healthy,
+            ReleaseState::Superseded,
+            ReleaseState::Failed,
+        ] {
+            for r in store
+                .releases_in_state(state)
+                .await
+                .map_err(ControlError::store("list releases"))?
+            {
+                releases.entry(r.app_id.clone()).or_default().push(r);
+            }
+        }
+
+        let mut capacity: Vec<HostCapacity> = hosts
+            .iter()
+            .map(|h| HostCapacity {
+                id: h.id.clone(),
+                ready: true,
+                driver: h.driver.clone(),
+                memory: h.memory,
+                cpu: h.cpu,
+                used_memory: MiB(0),
+                used_cpu: MilliCpu(0),
+            })
+            .collect();
+        let mut next_ordinal: BTreeMap<HostId, u64> = BTreeMap::new();
+        for i in &instances {
+            if let Some(n) = hosts
+                .iter()
+                .find(|h| h.id == i.host_id)
+                .and_then(|h| kiln_types::net::instance_ordinal(h.index, i.spec.network.ipv6))
+            {
+                let e = next_ordinal.entry(i.host_id.clone()).or_default();
+                *e = (*e).max(n + 1);
+            }
+            if !i.state.is_terminal() {
+                if let Some(h) = capacity.iter_mut().find(|h| h.id == i.host_id) {
+                    h.used_memory.0 += i.spec.vm.memory.0 + kiln_scheduler::INSTANCE_OVERHEAD.0;
+                    h.used_cpu.0 += i.spec.vm.cpu.0;
+                }
+            }
+        }
+        let mut by_release: BTreeMap<&kiln_types::ReleaseId, Vec<&InstanceRow>> = BTreeMap::new();
+        for i in &instances {
+            by_release.entry(&i.release_id).or_default().push(i);
+        }
+
+        let mut plan = Plan {
+            events: Vec::new(),
+            capacity,
+            next_ordinal,
+            hosts: &hosts,
+        };
+        let now = now_millis();
+        for (app_id, mut rels) in releases {
+            rels.sort_by_key(|r| r.version);
+            let newest_deploying = rels
+                .iter()
+                .filter(|r| r.state == ReleaseState::Deploying)
+                .map(|r| r.version)
+                .max();
+            let newest_healthy = rels
+                .iter()
+                .filter(|r| r.state == ReleaseState::Healthy)
+                .map(|r| r.version)
+                .max();
+            for rel in &rels {
+                let insts: Vec<&InstanceRow> = by_release.get(&rel.id).cloned().unwrap_or_default();
+                match rel.state {
+                    ReleaseState::Deploying if Some(rel.version) != newest_deploying => {
+                        plan.release_state(
+                            &app_id,
+                            rel,
+                            ReleaseState::Superseded,
+                            Some(format!(
+                                "replaced by a newer deploy (v{})",
+                                newest_deploying.unwrap_or(0)
+                            )),
+                        );
+                        plan.stop_all(&insts, "release superseded");
+                    }
+                    ReleaseState::Deploying => plan.deploy_step(
+                        &app_id,
+                        rel,
+                        &insts,
+                        now,
+                        newest_healthy,
+                        &by_release,
+                        &rels,
+                    ),
+                    ReleaseState::Healthy if Some(rel.version) != newest_healthy => {
+                        plan.release_state(&app_id, rel, ReleaseState::Superseded, None);
+                        plan.stop_all(&insts, "release superseded");
+                    }
+                    ReleaseState::Healthy => plan.keep_running(rel, &insts),
+                    ReleaseState::Superseded | ReleaseState::Failed => {
+                        plan.stop_all(&insts, "release no longer serving")
+                    }
+                }
+            }
+        }
+
+        if plan.events.is_empty() {
+            return Ok(());
+        }
+        store
+            .append(Append {
+                events: plan.events.into_iter().map(NewEvent::any).collect(),
+                metadata: Metadata {
+                    actor: "system:reconciler".into(),
+                    ..Default::default()
+                },
+                idempotency: None,
+            })
+            .await
+            .map_err(ControlError::store("append reconcile plan"))?;
+        Ok(())
+    }
+}
+
+struct Plan<'a> {
+    events: Vec<Event>,
+    capacity: Vec<HostCapacity>,
+    next_ordinal: BTreeMap<HostId, u64>,
+    hosts: &'a [kiln_store::HostRow],
+}
+
+impl Plan<'_> {
+    fn release_state(
+        &mut self,
+        app_id: &AppId,
+        rel: &ReleaseRow,
+        state: ReleaseState,
+        reason: Option<String>,
+    ) {
+        tracing::info!(app_id = %app_id, version = rel.version, state = state.as_str(), "release state changed");
+        self.events.push(Event::ReleaseStateChanged {
+            app_id: app_id.clone(),
+            release_id: rel.id.clone(),
+            state,
+            reason,
+        });
+    }
+
+    fn stop(&mut self, i: &InstanceRow, reason: &str) {
+        self.events.push(Event::InstanceStopRequested {
+            instance_id: i.id.clone(),
+            app_id: i.app_id.clone(),
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Requests a stop of every instance that still has something on its host.
+    fn stop_all(&mut self, insts: &[&InstanceRow], reason: &str) {
+        for i in insts {
+            if i.desired_running && i.state != InstanceState::Stopped {
+                self.stop(i, reason);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn deploy_step(
+        &mut self,
+        app_id: &AppId,
+        rel: &ReleaseRow,
+        insts: &[&InstanceRow],
+        now: i64,
+        newest_healthy: Option<u64>,
+        by_release: &BTreeMap<&kiln_types::ReleaseId, Vec<&InstanceRow>>,
+        rels: &[ReleaseRow],
+    ) {
+        let manifest = match serde_json::from_value::<Manifest>(rel.manifest.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.release_state(
+                    app_id,
+                    rel,
+                    ReleaseState::Failed,
+                    Some(format!("stored manifest cannot be read: {e}")),
+                );
+                return;
+            }
+        };
+        let live: Vec<&&InstanceRow> = insts
+            .iter()
+            .filter(|i| i.desired_running && !i.state.is_terminal())
+            .collect();
+        if let Some(failed) = insts
+            .iter()
+            .find(|i| i.desired_running && i.state == InstanceState::Failed)
+        {
+            let why = failed.reason.clone().unwrap_or_else(|| "exited".into());
+            self.release_state(
+                app_id,
+                rel,
+                ReleaseState::Failed,
+                Some(format!("instance {} failed: {why}", failed.id)),
+            );
+            self.stop_all(insts, "deploy failed");
+            return;
+        }
+        if now - rel.created_at > manifest.deploy.health_timeout_ms as i64 {
+            let healthy = live
+                .iter()
+                .filter(|i| i.state == InstanceState::Healthy)
+                .count();
+            self.release_state(
+                app_id,
+                rel,
+                ReleaseState::Failed,
+                Some(format!(
+                    "{healthy} of {} instance(s) healthy after {}s (deploy.health_timeout)",
+                    manifest.scale.count,
+                    manifest.deploy.health_timeout_ms / 1000
+                )),
+            );
+            self.stop_all(insts, "deploy failed");
+            return;
+        }
+        let want = manifest.scale.count as usize;
+        if live.len() < want {
+            for _ in live.len()..want {
+                if let Err(reason) = self.place(rel, &manifest) {
+                    self.release_state(app_id, rel, ReleaseState::Failed, Some(reason));
+                    self.stop_all(insts, "deploy failed");
+                    return;
+                }
+            }
+            return;
+        }
+        if live.iter().all(|i| i.state == InstanceState::Healthy) {
+            self.release_state(app_id, rel, ReleaseState::Healthy, None);
+            if let Some(prev) = newest_healthy {
+                if let Some(prev_rel) = rels.iter().find(|r| r.version == prev) {
+                    self.release_state(
+                        app_id,
+                        prev_rel,
+                        ReleaseState::Superseded,
+                        Some(format!("replaced by v{}", rel.version)),
+                    );
+                    let prev_insts = by_release.get(&prev_rel.id).cloned().unwrap_or_default();
+                    self.stop_all(&prev_insts, "release superseded");
+                }
+            }
+        }
+    }
+
+    /// A serving release: replace instances that died.
+    fn keep_running(&mut self, rel: &ReleaseRow, insts: &[&InstanceRow]) {
+        let Ok(manifest) = serde_json::from_value::<Manifest>(rel.manifest.clone()) else {
+            return;
+        };
+        for i in insts
+            .iter()
+            .filter(|i| i.desired_running && i.state == InstanceState::Failed)
+        {
+            self.stop(i, "replaced after failure");
+        }
+        let live = insts
+            .iter()
+            .filter(|i| i.desired_running && !i.state.is_terminal())
+            .count();
+        for _ in live..manifest.scale.count as usize {
+            if let Err(reason) = self.place(rel, &manifest) {
+                tracing::warn!(release_id = %rel.id, reason = %reason, "cannot replace failed instance");
+                return;
+            }
+        }
+    }
+
+    fn place(&mut self, rel: &ReleaseRow, manifest: &Manifest) -> Result<(), String> {
+        let req = Request {
+            memory: manifest.vm.memory,
+            cpu: MilliCpu::from_cpus(manifest.vm.cpus),
+            drivers: vec![],
+        };
+        let host = kiln_scheduler::place(&self.capacity, &req, &Policy::default())
+            .map_err(|e| e.to_string())?
+            .id
+            .clone();
+        let index = self
+            .hosts
+            .iter()
+            .find(|h| h.id == host)
+            .map(|h| h.index)
+            .unwrap_or(0);
+        let ordinal = self.next_ordinal.entry(host.clone()).or_default();
+        let ipv6 = kiln_types::net::instance_address(index, *ordinal);
+        *ordinal += 1;
+        if let Some(h) = self.capacity.iter_mut().find(|h| h.id == host) {
+            h.used_memory.0 += req.memory.0 + kiln_scheduler::INSTANCE_OVERHEAD.0;
+            h.used_cpu.0 += req.cpu.0;
+        }
+        let spec = WorkloadSpec {
+            spec_version: WORKLOAD_SPEC_VERSION.into(),
+            instance_id: InstanceId::generate(),
+            app_id: rel.app_id.clone(),
+            app_name: manifest.app.clone(),
+            release_id: rel.id.clone(),
+            release_version: rel.version,
+            process: "app".into(),
+            image: rel.image.clone(),
+            entrypoint: None,
+            command: None,
+            env: manifest.env.clone(),
+            vm: VmSpec {
+                cpu: req.cpu,
+                memory: req.memory,
+            },
+            network: NetworkSpec {
+                ipv6,
+                gateway: kiln_types::net::host_address(index),
+            },
+            services: manifest
+                .services
+                .iter()
+                .map(|s| ServiceSpec {
+                    protocol: s.protocol,
+                    internal_port: s.internal_port,
+                    proxy_protocol: s.proxy_protocol,
+                    hostnames: s.hostnames.clone(),
+                })
+                .collect(),
+            stop: StopSpec {
+                signal: manifest.stop_signal.clone(),
+                timeout_ms: manifest.stop_timeout_ms,
+            },
+        };
+        tracing::info!(instance_id = %spec.instance_id, host_id = %host, release_id = %rel.id, "instance placed");
+        self.events.push(Event::InstancePlaced {
+            host_id: host,
+            spec,
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,269 @@
+//! Running the real binaries: `kilnd dev` as a child process and the `kiln` CLI against it.
+//!
+//! Tests drive the platform exactly as a user does: the binaries the workspace builds, a data
+//! directory in a temp dir, ports chosen by the kernel (`127.0.0.1:0`), and the lines `kilnd dev`
+//! prints on stdout to learn its addresses and the admin token.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// The workspace root (two levels above this crate's manifest).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// Cargo's target directory for this workspace.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        let p = PathBuf::from(dir);
+        return if p.is_absolute() {
+            p
+        } else {
+            workspace_root().join(p)
+        };
+    }
+    workspace_root().join("target")
+}
+
+/// Paths of the binaries a platform test runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub kilnd: PathBuf,
+    pub kiln: PathBuf,
+    pub kiln_init: PathBuf,
+}
+
+/// Builds (when out of date) `kilnd`, `kiln` and the static `kiln-init`, and returns their paths.
+pub fn build_binaries() -> Result<Binaries> {
+    let root = workspace_root();
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["build", "-q", "-p", "kilnd", "-p", "kiln-cli"])
+        .current_dir(&root);
+    crate::example::clear_test_env(&mut cmd);
+    let status = cmd.status().context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build -p kilnd -p kiln-cli failed");
+    }
+    let statics = crate::example::build_static()?;
+    let t = target_dir();
+    let b = Binaries {
+        kilnd: t.join("debug/kilnd"),
+        kiln: t.join("debug/kiln"),
+        kiln_init: statics.kiln_init,
+    };
+    for p in [&b.kilnd, &b.kiln] {
+        if !p.is_file() {
+            bail!("{} was not built", p.display());
+        }
+    }
+    Ok(b)
+}
+
+/// A `kilnd dev` child process. Dropping it stops the process (not the instances it started:
+/// call [`cleanup_instances`] for those).
+pub struct DevProcess {
+    child: Child,
+    pub api_url: String,
+    pub edge: Vec<SocketAddr>,
+    /// The `kiln context add ...` line printed at first start.
+    pub connect: Option<String>,
+    pub data_dir: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl DevProcess {
+    /// Starts `kilnd dev` on `data_dir` with kernel-chosen ports and waits until it is ready.
+    pub fn start(bins: &Binaries, data_dir: &Path) -> Result<DevProcess> {
+        Self::start_with(
+            bins,
+            data_dir,
+            &[
+                "--api-listen",
+                "127.0.0.1:0",
+                "--edge-listen",
+                "127.0.0.1:0",
+                "--edge-listen",
+                "[::1]:0",
+            ],
+        )
+    }
+
+    /// Starts `kilnd dev` with explicit extra arguments.
+    pub fn start_with(bins: &Binaries, data_dir: &Path, extra: &[&str]) -> Result<DevProcess> {
+        std::fs::create_dir_all(data_dir)?;
+        let stderr_path = data_dir.with_extension("kilnd.log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stderr_path)?;
+        let mut child = Command::new(&bins.kilnd)
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--init-binary")
+            .arg(&bins.kiln_init)
+            .args(extra)
+            .env(
+                "KILN_LOG",
+                std::env::var("KILN_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .context("cannot start kilnd dev")?;
+        let stdout = child.stdout.take().context("kilnd stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut api_url, mut edge, mut connect) = (None, Vec::new(), None);
+        loop {
+            let line = match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    bail!("kilnd dev did not become ready; its log:\n{log}");
+                }
+            };
+            if let Some(u) = line.strip_prefix("kilnd dev: API ") {
+                api_url = Some(u.trim().to_owned());
+            } else if let Some(e) = line.strip_prefix("kilnd dev: edge ") {
+                edge = e
+                    .split_whitespace()
+                    .filter_map(|a| a.parse().ok())
+                    .collect();
+            } else if let Some(c) = line.trim().strip_prefix("kiln context add ") {
+                connect = Some(c.to_owned());
+            } else if line.starts_with("kilnd dev: ready") {
+                break;
+            }
+        }
+        Ok(DevProcess {
+            child,
+            api_url: api_url.context("kilnd dev printed no API address")?,
+            edge,
+            connect,
+            data_dir: data_dir.to_owned(),
+            stderr_path,
+        })
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Stops the process with SIGTERM and waits for it.
+    pub fn stop(mut self) -> Result<()> {
+        self.terminate();
+        Ok(())
+    }
+
+    fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// The `kiln` CLI with its own context file.
+#[derive(Debug, Clone)]
+pub struct Cli {
+    pub bin: PathBuf,
+    pub config: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Cli {
+    pub fn new(bins: &Binaries, dir: &Path) -> Self {
+        Self {
+            bin: bins.kiln.clone(),
+            config: dir.join("kiln-cli.toml"),
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Runs `kiln ARGS` in `self.dir` and returns its output (whatever its exit code).
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .args(args)
+            .current_dir(&self.dir)
+            .env("KILN_CONFIG", &self.config)
+            .env_remove("KILN_API_URL")
+            .env_remove("KILN_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kiln")
+    }
+
+    /// Runs `kiln ARGS` and fails with its output unless it exits 0; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.run(args);
+        if !out.status.success() {
+            bail!(
+                "`kiln {}` exited with {}\nstdout:\n{}\nstderr:\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Stops and removes every instance a `kilnd dev` data directory has on this host: containers,
+/// overlay mounts, network namespaces (which takes their veth pairs with them) and state.
+pub fn cleanup_instances(data_dir: &Path) {
+    let runc_root = data_dir.join("runc");
+    let instances = data_dir.join("instances");
+    let Ok(entries) = std::fs::read_dir(&instances) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["delete", "--force", &id])
+            .output();
+        let rootfs = e.path().join("rootfs");
+        let _ = Command::new("umount").arg("-l").arg(&rootfs).output();
+        if let Some(suffix) = id.strip_prefix("ins_") {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &format!("kiln-{suffix}")])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(e.path());
+    }
+}

@@ -1,0 +1,232 @@
+//! End to end on one machine: a real registry, the real `kilnd dev` (control plane, agent with
+//! runc, edge), the real `kiln` CLI, and curl through the edge.
+//!
+//! One scenario, in order, because instances of one `kilnd dev` share the host's network plan:
+//! deploy, reach it through the edge over IPv4 and IPv6 with the client address read from PROXY
+//! v2, deploy a changed image, fail on a broken kiln.toml without touching the running release,
+//! refuse an unknown SNI, and keep serving the same instance across a `kilnd` restart.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use kiln_testkit::dev::{build_binaries, cleanup_instances, Cli, DevProcess};
+use kiln_testkit::registry::Registry;
+
+const MANIFEST: &str = r#"app = "hello-tls"
+
+[env]
+PROXY_PROTOCOL = "v2"
+
+[[services]]
+protocol = "tls"
+internal_port = 8443
+proxy_protocol = true
+
+[vm]
+memory_mib = 128
+"#;
+
+/// `curl` through the edge at `edge` for `host`; returns (exit code, stdout, stderr).
+fn curl(edge: std::net::SocketAddr, host: &str) -> (i32, String, String) {
+    let ip = match edge.ip() {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    };
+    let out = Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "10", "--resolve"])
+        .arg(format!("{host}:{}:{ip}", edge.port()))
+        .arg(format!("https://{host}:{}/", edge.port()))
+        .output()
+        .expect("run curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn status_json(cli: &Cli) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&cli.ok(&[
+        "status",
+        "-a",
+        "hello-tls",
+        "--json",
+    ])?)?)
+}
+
+struct Cleanup<'a>(&'a Path);
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        cleanup_instances(self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
+    let bins = build_binaries()?;
+    let tmp = tempfile::tempdir()?;
+    let registry = Registry::start(&tmp.path().join("registry")).await?;
+    let hello = kiln_testkit::example::build_hello_tls()?;
+    let v1 = kiln_testkit::example::hello_tls_image(&hello, "hello")?.build()?;
+    let v1_digest = v1.push(&registry.host(), "hello-tls", "v1").await?;
+    let v2 = kiln_testkit::example::hello_tls_image(&hello, "howdy")?.build()?;
+    v2.push(&registry.host(), "hello-tls", "v2").await?;
+
+    let data = tmp.path().join("data");
+    let _cleanup = Cleanup(&data);
+    let dev = DevProcess::start(&bins, &data)?;
+    let cli = Cli::new(&bins, tmp.path());
+    let connect = dev
+        .connect
+        .clone()
+        .context("first start prints the connect command")?;
+    let args: Vec<&str> = connect.split_whitespace().collect();
+    ensure!(
+        args.iter().any(|a| a.starts_with("kiln_")),
+        "admin token has the kiln_ prefix: {connect}"
+    );
+    let mut full = vec!["context", "add"];
+    full.extend(args);
+    cli.ok(&full)?;
+    std::fs::write(tmp.path().join("kiln.toml"), MANIFEST)?;
+
+    cli.ok(&["apps", "create", "hello-tls"])?;
+    let out = cli.ok(&[
+        "deploy",
+        "--image",
+        &format!("{}/hello-tls:v1", registry.host()),
+    ])?;
+    ensure!(out.contains("v1 is healthy"), "deploy output: {out}");
+    ensure!(out.contains(&v1_digest), "deploy pins the digest: {out}");
+
+    let (v4, v6) = (dev.edge[0], dev.edge[1]);
+    let (code, body, err) = curl(v4, "hello-tls.kiln.test");
+    ensure!(
+        code == 0,
+        "curl via IPv4 edge failed ({code}): {err}\n{}",
+        dev.log()
+    );
+    ensure!(
+        body.trim() == "hello from hello-tls sni=hello-tls.kiln.test client=127.0.0.1",
+        "body: {body}"
+    );
+    let (code, body, err) = curl(v6, "hello-tls.kiln.test");
+    ensure!(code == 0, "curl via IPv6 edge failed: {err}");
+    ensure!(
+        body.trim() == "hello from hello-tls sni=hello-tls.kiln.test client=::1",
+        "body: {body}"
+    );
+
+    // A changed image serves the new answer.
+    let out = cli.ok(&[
+        "deploy",
+        "--image",
+        &format!("{}/hello-tls:v2", registry.host()),
+    ])?;
+    ensure!(out.contains("v2 is healthy"), "{out}");
+    let (code, body, _) = curl(v4, "hello-tls.kiln.test");
+    ensure!(
+        code == 0 && body.starts_with("howdy from hello-tls"),
+        "after v2: {body}"
+    );
+    let st = status_json(&cli)?;
+    let live: Vec<&serde_json::Value> = st["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["desired_running"] == true)
+        .collect();
+    ensure!(
+        live.len() == 1 && live[0]["release_version"] == 2,
+        "only v2 runs: {st}"
+    );
+
+    // A broken kiln.toml fails with line and problem, and v2 keeps serving.
+    std::fs::write(
+        tmp.path().join("broken.toml"),
+        MANIFEST.replace("internal_port", "internal_prot"),
+    )?;
+    let out = cli.run(&[
+        "deploy",
+        "-c",
+        "broken.toml",
+        "--image",
+        &format!("{}/hello-tls:v1", registry.host()),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(3),
+        "exit code {:?}: {stderr}",
+        out.status.code()
+    );
+    ensure!(
+        stderr.contains("broken.toml:8:1") && stderr.contains("internal_prot"),
+        "{stderr}"
+    );
+    let (code, body, _) = curl(v4, "hello-tls.kiln.test");
+    ensure!(
+        code == 0 && body.starts_with("howdy from"),
+        "v2 untouched: {body}"
+    );
+    ensure!(
+        status_json(&cli)?["releases"].as_array().unwrap().len() == 2,
+        "no release was created"
+    );
+
+    // An unknown SNI is refused with a TLS alert.
+    let (code, body, err) = curl(v4, "nope.kiln.test");
+    ensure!(
+        code != 0 && body.is_empty(),
+        "unknown SNI must be refused: {code} {body}"
+    );
+    ensure!(
+        err.contains("alert") || err.contains("unrecognized"),
+        "curl saw a TLS alert: {err}"
+    );
+
+    // Restart: state and the running instance survive; the same instance serves again.
+    let before = live[0]["id"].clone();
+    let edge_args = [
+        "--api-listen",
+        "127.0.0.1:0",
+        "--edge-listen",
+        &v4.to_string(),
+        "--edge-listen",
+        &v6.to_string(),
+    ];
+    let api_before = dev.api_url.clone();
+    dev.stop()?;
+    let dev = DevProcess::start_with(&bins, &data, &edge_args)?;
+    ensure!(dev.connect.is_none(), "no new admin token on restart");
+    // The context points at the old API port; re-point it with the same token.
+    let token = std::fs::read_to_string(&cli.config)?;
+    std::fs::write(&cli.config, token.replace(&api_before, &dev.api_url))?;
+    let mut served = false;
+    for _ in 0..100 {
+        let (code, body, _) = curl(v4, "hello-tls.kiln.test");
+        if code == 0 && body.starts_with("howdy from") {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    ensure!(served, "served after restart\n{}", dev.log());
+    let st = status_json(&cli)?;
+    let live: Vec<&serde_json::Value> = st["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["desired_running"] == true)
+        .collect();
+    ensure!(
+        live.len() == 1 && live[0]["id"] == before && live[0]["state"] == "healthy",
+        "same instance adopted: {st}"
+    );
+    ensure!(
+        dev.log().contains("adopted running instance"),
+        "{}",
+        dev.log()
+    );
+    Ok(())
+}
