@@ -34,6 +34,11 @@ pub fn target_dir() -> PathBuf {
     workspace_root().join("target")
 }
 
+/// True when `KILN_PROFILE=release`: benchmarks build and run release binaries.
+pub fn release() -> bool {
+    std::env::var("KILN_PROFILE").is_ok_and(|p| p == "release")
+}
+
 /// Paths of the binaries a platform test runs.
 #[derive(Debug, Clone)]
 pub struct Binaries {

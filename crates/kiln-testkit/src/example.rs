@@ -74,6 +74,7 @@ pub fn build_static() -> Result<StaticBinaries> {
             "--target",
             TARGET,
         ])
+        .args(crate::dev::release().then_some("--release"))
         // The JSON messages name the executable, wherever the target dir is configured to be.
         .arg("--message-format=json-render-diagnostics")
         .env("RUSTFLAGS", "-C target-feature=+crt-static")

@@ -85,26 +85,43 @@ impl Drop for Dev {
 fn find_init(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         anyhow::ensure!(p.is_file(), "--init-binary {} does not exist", p.display());
+        anyhow::ensure!(is_static_elf(&p), "--init-binary {} is not a static executable", p.display());
         return Ok(p);
     }
     let exe = std::env::current_exe().context("cannot locate the kilnd executable")?;
     let dir = exe.parent().unwrap_or(Path::new("."));
     let profile = dir.file_name().map(|s| s.to_owned()).unwrap_or_default();
+    // The static build first: `target/debug/kiln-init` is the host build, dynamically linked,
+    // and cannot run in an image without the host's libc.
     let candidates = [
+        dir.join("..").join("x86_64-unknown-linux-gnu").join(&profile).join("kiln-init"),
         dir.join("kiln-init"),
-        dir.join("..")
-            .join("x86_64-unknown-linux-gnu")
-            .join(&profile)
-            .join("kiln-init"),
     ];
-    candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
+    candidates.iter().find(|p| p.is_file() && is_static_elf(p)).cloned().with_context(|| {
         format!(
-            "no static kiln-init found (looked at {}); build it with \
-             RUSTFLAGS='-C target-feature=+crt-static' cargo build -p kiln-init --target x86_64-unknown-linux-gnu, \
+            "no static kiln-init found (looked at {}); build it with ./scripts/build-static, \
              or pass --init-binary",
             candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         )
     })
+}
+
+/// An ELF64 executable with no PT_INTERP program header needs no dynamic loader.
+fn is_static_elf(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(bytes) = std::fs::read(path) else { return false };
+    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let u64_at = |o: usize| {
+        bytes.get(o..o + 8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize)
+    };
+    if bytes.get(..5) != Some(b"\x7fELF\x02") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    (0..phnum).all(|i| u32_at(phoff + i * phentsize).is_some_and(|t| t != PT_INTERP))
 }
 
 fn machine_memory_mib() -> u64 {
