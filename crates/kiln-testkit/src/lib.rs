@@ -12,6 +12,7 @@
 //! production code never links it. Because it is test code, it reports errors with `anyhow`.
 //! The `kiln-testkit` binary exposes the same helpers to shell scripts.
 
+pub mod bench;
 pub mod dev;
 pub mod example;
 pub mod image;

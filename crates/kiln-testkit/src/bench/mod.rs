@@ -1,0 +1,4 @@
+//! Benchmarks of the real binaries, run by `./scripts/bench NAME` through the `kiln-bench` binary.
+//! Each prints what it measured and ends with `key=value` lines of its figures.
+
+pub mod deploy;
