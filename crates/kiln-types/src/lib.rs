@@ -9,6 +9,7 @@
 //! scheduler and the wire types can all use it without pulling in a runtime.
 
 pub mod event;
+pub mod frame;
 pub mod guest;
 pub mod id;
 pub mod name;
