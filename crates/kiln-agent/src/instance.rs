@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use kiln_types::guest::RunConfig;
 use kiln_types::{InstanceId, InstanceState, WorkloadSpec};
 
+use crate::guest::Guest;
 use crate::image::PreparedImage;
 use crate::{error_chain, netlink, Agent, AgentError};
 
@@ -30,19 +31,30 @@ pub(crate) struct Instance {
     netns: String,
     host_if: String,
     stop_tx: watch::Sender<bool>,
+    /// The guest channel; its task runs from start until teardown.
+    pub guest: Arc<Guest>,
+    guest_stop: watch::Sender<bool>,
 }
 
 impl Instance {
     pub(crate) fn new(agent: &Agent, spec: WorkloadSpec) -> Self {
         let id = spec.instance_id.clone();
         let (netns, host_if) = netlink::names(id.suffix());
+        let dir = dir_of(agent, &id);
+        let guest = Guest::new(
+            id.clone(),
+            spec.app_id.clone(),
+            dir.join("run").join("channel.sock"),
+        );
         Self {
-            dir: dir_of(agent, &id),
+            dir,
             id,
             spec,
             netns,
             host_if,
             stop_tx: watch::channel(false).0,
+            guest,
+            guest_stop: watch::channel(false).0,
         }
     }
 
@@ -79,6 +91,11 @@ impl Instance {
             tracing::info!(instance_id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "instance started");
         }
 
+        tokio::spawn(
+            self.guest
+                .clone()
+                .run(agent.logs_tx.clone(), self.guest_stop.subscribe()),
+        );
         let mut stop_rx = self.stop_tx.subscribe();
         let mut last: Option<InstanceState> = None;
         loop {
@@ -137,7 +154,7 @@ impl Instance {
                 source,
             }
         };
-        for sub in ["upper", "work", "rootfs"] {
+        for sub in ["upper", "work", "rootfs", "run"] {
             let p = self.dir.join(sub);
             tokio::fs::create_dir_all(&p).await.map_err(ferr(&p))?;
         }
@@ -186,8 +203,13 @@ impl Instance {
 
         netlink::create(&self.netns, &self.host_if, self.spec.network.ipv6).await?;
 
-        let bundle =
-            super::runc::bundle_config(&self.spec, &rootfs, &agent.config.init_binary, &self.netns);
+        let bundle = super::runc::bundle_config(
+            &self.spec,
+            &rootfs,
+            &agent.config.init_binary,
+            &self.dir.join("run"),
+            &self.netns,
+        );
         let cfg_path = self.dir.join("config.json");
         tokio::fs::write(
             &cfg_path,
@@ -256,6 +278,7 @@ impl Instance {
 
     /// Removes everything the instance had on the host. Safe to call on a half-started instance.
     async fn teardown(&self, agent: &Agent) {
+        self.guest_stop.send_replace(true);
         agent.runc.delete(self.id.as_str()).await;
         let rootfs = self.dir.join("rootfs");
         if is_mountpoint(&rootfs).await

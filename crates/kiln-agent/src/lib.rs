@@ -11,8 +11,11 @@
 //! agent finds them by their state directory and adopts them instead of restarting them.
 
 mod error;
+mod exec;
+mod guest;
 mod image;
 mod instance;
+mod logs;
 mod netlink;
 mod runc;
 
@@ -21,11 +24,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
 
-use kiln_api::{Assignment, Client, InstanceReport, RegisterHost};
+use kiln_api::{Assignment, Client, InstanceReport, LogRecord, RegisterHost};
 use kiln_types::event::Driver;
 use kiln_types::{HostId, InstanceId, InstanceState, MiB, MilliCpu};
+
+/// WorkloadSpec capabilities (`kiln_types::workload::capability`) this agent can apply. A spec
+/// that requires anything else is reported failed with the reason, before anything is applied.
+/// The runc driver runs the 1.0 baseline only: no volumes, secrets file, HTTP or exec checks.
+const SUPPORTED_CAPABILITIES: &[&str] = &[];
 
 pub use error::AgentError;
 
@@ -57,6 +65,9 @@ pub struct Agent {
     pub(crate) images: image::ImageCache,
     pub(crate) runc: runc::Runc,
     pub(crate) instances: Mutex<HashMap<InstanceId, Arc<instance::Instance>>>,
+    /// Log lines from every instance, toward the shipper.
+    pub(crate) logs_tx: mpsc::Sender<LogRecord>,
+    logs_rx: std::sync::Mutex<Option<mpsc::Receiver<LogRecord>>>,
 }
 
 impl Agent {
@@ -84,6 +95,7 @@ impl Agent {
             })?;
         netlink::ensure_host_interface(reg.index).await?;
         let images = image::ImageCache::new(&config)?;
+        let (logs_tx, logs_rx) = mpsc::channel(logs::QUEUE);
         tracing::info!(host_id = %reg.host_id, index = reg.index, "agent registered");
         Ok(Arc::new(Agent {
             runc: runc::Runc {
@@ -95,6 +107,8 @@ impl Agent {
             host_id: reg.host_id,
             images,
             instances: Mutex::new(HashMap::new()),
+            logs_tx,
+            logs_rx: std::sync::Mutex::new(Some(logs_rx)),
         }))
     }
 
@@ -104,6 +118,15 @@ impl Agent {
 
     /// Follows the host's assignments forever.
     pub async fn run(self: Arc<Self>) {
+        let rx = self
+            .logs_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(rx) = rx {
+            tokio::spawn(logs::ship(self.client.clone(), self.host_id.clone(), rx));
+        }
+        tokio::spawn(exec::serve(self.clone()));
         let mut seq = 0;
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -131,7 +154,7 @@ impl Agent {
         let mut known = self.instances.lock().await;
         for a in assignments {
             let id = a.spec.instance_id.clone();
-            if let Err(e) = a.spec.check_version() {
+            if let Err(e) = a.spec.check_runnable(SUPPORTED_CAPABILITIES) {
                 // Rejected whole, before anything is applied.
                 let report = InstanceReport {
                     state: InstanceState::Failed,

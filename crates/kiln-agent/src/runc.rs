@@ -10,7 +10,7 @@ use std::process::Stdio;
 use serde_json::json;
 use tokio::process::Command;
 
-use kiln_types::guest::INIT_PATH;
+use kiln_types::guest::{INIT_PATH, RUN_DIR};
 use kiln_types::WorkloadSpec;
 
 use crate::AgentError;
@@ -41,6 +41,7 @@ pub(crate) fn bundle_config(
     spec: &WorkloadSpec,
     rootfs: &Path,
     init_binary: &Path,
+    run_dir: &Path,
     netns: &str,
 ) -> serde_json::Value {
     let memory = spec.vm.memory.bytes() as i64;
@@ -66,7 +67,8 @@ pub(crate) fn bundle_config(
             { "destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
             { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"] },
             { "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"] },
-            { "destination": INIT_PATH, "type": "bind", "source": init_binary, "options": ["bind", "ro", "nosuid", "nodev"] }
+            { "destination": INIT_PATH, "type": "bind", "source": init_binary, "options": ["bind", "ro", "nosuid", "nodev"] },
+            { "destination": RUN_DIR, "type": "bind", "source": run_dir, "options": ["bind", "rw", "nosuid", "nodev", "noexec"] }
         ],
         "linux": {
             "namespaces": [

@@ -27,6 +27,12 @@ pub enum ApiError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("WebSocket to {url} failed")]
+    WebSocket {
+        url: String,
+        #[source]
+        source: Box<tokio_tungstenite::tungstenite::Error>,
+    },
     #[error("invalid control-plane URL {url:?}")]
     BadUrl { url: String },
 }
@@ -43,6 +49,46 @@ impl ApiError {
     /// True when the request never got an answer (retrying later may help).
     pub fn is_unreachable(&self) -> bool {
         matches!(self, ApiError::Connect { .. })
+    }
+}
+
+/// A client WebSocket (plain TCP to the control plane).
+pub type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A stream of log lines (JSON lines on the wire).
+pub struct LogStream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    path: String,
+}
+
+impl LogStream {
+    /// The next line, or `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<LogRecord>, ApiError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                if line.len() <= 1 {
+                    continue;
+                }
+                match serde_json::from_slice::<LogRecord>(&line) {
+                    Ok(r) => return Ok(Some(r)),
+                    // Keep-alive or unknown lines are skipped.
+                    Err(_) => continue,
+                }
+            }
+            match self.resp.chunk().await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(None) => return Ok(None),
+                Err(source) => {
+                    return Err(ApiError::Decode {
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
+            }
+        }
     }
 }
 
@@ -112,28 +158,7 @@ impl Client {
                 source,
             });
         }
-        let request_id = resp
-            .headers()
-            .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let text = resp.text().await.unwrap_or_default();
-        let mut problem = serde_json::from_str::<Problem>(&text).unwrap_or_else(|_| Problem {
-            type_: "about:blank".into(),
-            title: status.canonical_reason().unwrap_or("error").into(),
-            status: status.as_u16(),
-            code: "http_error".into(),
-            detail: Some(text.chars().take(500).collect()),
-            errors: None,
-            request_id: None,
-        });
-        if problem.request_id.is_none() {
-            problem.request_id = request_id;
-        }
-        Err(ApiError::Api {
-            status: status.as_u16(),
-            problem: Box::new(problem),
-        })
+        Err(problem_of(resp).await)
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
@@ -223,6 +248,93 @@ impl Client {
         Ok(())
     }
 
+    /// Sends a batch of instance log lines (agents).
+    pub async fn ship_logs(&self, host: &HostId, lines: &[LogRecord]) -> Result<(), ApiError> {
+        let path = format!("/v1/hosts/{host}/logs");
+        let _: serde_json::Value = self.post(&path, &lines, None).await?;
+        Ok(())
+    }
+
+    /// Opens an app's log: past lines first, then (with `follow`) new ones as they come.
+    pub async fn logs(&self, app: &str, query: &LogsQuery) -> Result<LogStream, ApiError> {
+        let path = format!("/v1/apps/{app}/logs");
+        let resp = self
+            .req(reqwest::Method::GET, &path)
+            .query(query)
+            .send()
+            .await
+            .map_err(|source| ApiError::Connect {
+                url: self.base.clone(),
+                source,
+            })?;
+        if !resp.status().is_success() {
+            return Err(problem_of(resp).await);
+        }
+        Ok(LogStream {
+            resp,
+            buf: Vec::new(),
+            path,
+        })
+    }
+
+    /// Long-polls the exec sessions the control plane wants this host to serve (agents).
+    pub async fn exec_requests(
+        &self,
+        host: &HostId,
+        wait: Duration,
+    ) -> Result<Vec<ExecRequest>, ApiError> {
+        let path = format!(
+            "/v1/hosts/{host}/exec-requests?wait_ms={}",
+            wait.as_millis()
+        );
+        self.send(
+            &path,
+            self.req(reqwest::Method::GET, &path)
+                .timeout(wait + Duration::from_secs(10)),
+        )
+        .await
+    }
+
+    /// Opens a WebSocket to `path` (with the query string) with this client's token. Its binary
+    /// messages carry guest-channel frames (`kiln_types::frame`).
+    pub async fn websocket(&self, path_and_query: &str) -> Result<WebSocket, ApiError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}{}", self.base.replacen("http", "ws", 1), path_and_query);
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|_| ApiError::BadUrl { url: url.clone() })?;
+        let auth = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| ApiError::BadUrl { url: url.clone() })?;
+        request.headers_mut().insert("authorization", auth);
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let body = resp.body().clone().unwrap_or_default();
+                let problem =
+                    serde_json::from_slice::<Problem>(&body).unwrap_or_else(|_| Problem {
+                        type_: "about:blank".into(),
+                        title: "error".into(),
+                        status,
+                        code: "http_error".into(),
+                        detail: Some(String::from_utf8_lossy(&body).chars().take(500).collect()),
+                        errors: None,
+                        request_id: None,
+                    });
+                Err(ApiError::Api {
+                    status,
+                    problem: Box::new(problem),
+                })
+            }
+            Err(source) => Err(ApiError::WebSocket {
+                url,
+                source: Box::new(source),
+            }),
+        }
+    }
+
     /// Long-polls the route table newer than `after`.
     pub async fn routes(&self, after: u64, wait: Duration) -> Result<RouteTable, ApiError> {
         let path = format!("/v1/routes?after={after}&wait_ms={}", wait.as_millis());
@@ -232,5 +344,32 @@ impl Client {
                 .timeout(wait + Duration::from_secs(10)),
         )
         .await
+    }
+}
+
+/// Reads an error response into [`ApiError::Api`].
+async fn problem_of(resp: reqwest::Response) -> ApiError {
+    let status = resp.status();
+    let request_id = resp
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let text = resp.text().await.unwrap_or_default();
+    let mut problem = serde_json::from_str::<Problem>(&text).unwrap_or_else(|_| Problem {
+        type_: "about:blank".into(),
+        title: status.canonical_reason().unwrap_or("error").into(),
+        status: status.as_u16(),
+        code: "http_error".into(),
+        detail: Some(text.chars().take(500).collect()),
+        errors: None,
+        request_id: None,
+    });
+    if problem.request_id.is_none() {
+        problem.request_id = request_id;
+    }
+    ApiError::Api {
+        status: status.as_u16(),
+        problem: Box::new(problem),
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use kiln_types::event::{Driver, ReleaseState};
 use kiln_types::{
     AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, MiB, MilliCpu, OrgId, ReleaseId,
-    UnixMillis, WorkloadSpec,
+    ServiceProtocol, UnixMillis, WorkloadSpec,
 };
 
 /// Header carrying the idempotency key of a mutating request.
@@ -142,7 +142,7 @@ pub struct InstanceReport {
     pub reason: Option<String>,
 }
 
-/// One hostname the edge routes.
+/// One hostname the edge routes (TLS, by SNI).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     pub hostname: String,
@@ -150,13 +150,43 @@ pub struct Route {
     pub proxy_protocol: bool,
     /// Healthy backends (instance address and internal port).
     pub backends: Vec<SocketAddr>,
+    /// The service's per-instance connection limits; `None`: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
 }
 
-/// The edge's route table, as of log sequence `seq`.
+/// Connection limits of a service, applied to each of its instances (backends) by each edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Concurrency {
+    /// Above this many connections an instance is used only when no instance is below its own.
+    pub soft_limit: u32,
+    /// An instance never gets more than this many connections; when every instance is full, new
+    /// connections are refused.
+    pub hard_limit: u32,
+}
+
+/// One address and port the edge listens on for one service (TCP, or TLS without SNI routing):
+/// a port allocated on a shared address, or any port of an app's dedicated IPv4.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRoute {
+    pub listen: SocketAddr,
+    pub app: AppName,
+    pub protocol: ServiceProtocol,
+    pub proxy_protocol: bool,
+    pub backends: Vec<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+}
+
+/// The edge's route table, as of log sequence `seq`. Also the format of `kilnd edge --routes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteTable {
+    #[serde(default)]
     pub seq: u64,
+    #[serde(default)]
     pub routes: Vec<Route>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRoute>,
 }
 
 /// Query of long-polling endpoints: answer as soon as the state is newer than `after`, or after
@@ -167,6 +197,47 @@ pub struct WatchQuery {
     pub after: Option<u64>,
     #[serde(default)]
     pub wait_ms: Option<u64>,
+}
+
+/// One line an instance wrote to stdout or stderr.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub instance_id: InstanceId,
+    pub app_id: AppId,
+    /// When the guest read the line (ms since the epoch, guest clock).
+    pub ts_ms: i64,
+    pub output: kiln_types::frame::Output,
+    pub message: String,
+}
+
+/// Query of `GET /v1/apps/{app}/logs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogsQuery {
+    /// Keep the response open and stream new lines.
+    #[serde(default)]
+    pub follow: Option<bool>,
+    /// How many past lines to send first (default 100).
+    #[serde(default)]
+    pub tail: Option<usize>,
+    /// Only this instance.
+    #[serde(default)]
+    pub instance: Option<InstanceId>,
+}
+
+/// Query of `GET /v1/apps/{app}/exec` (a WebSocket upgrade).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExecQuery {
+    /// The instance to run in (default: a healthy instance of the current release).
+    #[serde(default)]
+    pub instance: Option<InstanceId>,
+}
+
+/// An exec session the control plane asks a host's agent to serve. The agent answers by opening
+/// the WebSocket `GET /v1/hosts/{host}/exec/{session}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub session: String,
+    pub instance_id: InstanceId,
 }
 
 /// Information about the caller's token.

@@ -30,9 +30,15 @@ pub enum Command {
     Deploy(DeployArgs),
     /// Show an app's releases and instances.
     Status(StatusArgs),
-    /// Work with kiln.toml.
+    /// Print an app's log lines (stdout and stderr of its instances).
+    Logs(LogsArgs),
+    /// Run a command in a running instance; exits with the command's exit code.
+    Exec(ExecArgs),
+    /// Write a commented kiln.toml for an image.
+    Init(crate::config_cmd::InitArgs),
+    /// Work with kiln.toml: validate, show (with defaults), JSON Schema.
     #[command(subcommand)]
-    Config(ConfigCmd),
+    Config(crate::config_cmd::ConfigCmd),
     /// Manage the control planes this CLI talks to.
     #[command(subcommand)]
     Context(ContextCmd),
@@ -86,13 +92,37 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum ConfigCmd {
-    /// Check a kiln.toml; exit 0 only when it is valid.
-    Validate {
-        #[arg(default_value = "kiln.toml")]
-        path: PathBuf,
-    },
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub app: AppArg,
+    /// The instance (default: one of the newest release).
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Allocate a terminal (interactive shells, editors).
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub app: AppArg,
+    /// Keep printing new lines as they arrive.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only lines of this instance.
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// How many past lines to print first.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    pub lines: usize,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -254,23 +284,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Config(ConfigCmd::Validate { path }) => {
-            let src = std::fs::read_to_string(&path).map_err(|e| {
-                CliError::new(
-                    exit::INVALID_CONFIG,
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            match kiln_manifest::parse(&path.display().to_string(), &src) {
-                Ok(m) => {
-                    println!("{} is valid (app {})", path.display(), m.app);
-                    Ok(())
-                }
-                Err(e) => Err(CliError::new(
-                    exit::INVALID_CONFIG,
-                    format!("{} is invalid:\n{}", path.display(), e.report().trim_end()),
-                )),
+        Command::Init(args) => crate::config_cmd::init(args),
+        Command::Config(cmd) => crate::config_cmd::config(cmd),
+        Command::Logs(args) => logs(args).await,
+        Command::Exec(args) => {
+            let code = exec(args).await?;
+            if code != 0 {
+                // The remote command's status is ours: scripts see it as if it ran locally.
+                return Err(CliError {
+                    code,
+                    message: String::new(),
+                    hint: None,
+                });
             }
+            Ok(())
         }
         Command::Context(cmd) => context_cmd(cmd).await,
         Command::Whoami => {
@@ -475,6 +502,181 @@ fn print_status(s: &AppStatus) {
             i.state,
             i.ipv6,
             i.reason.as_deref().unwrap_or("")
+        );
+    }
+}
+
+async fn logs(args: LogsArgs) -> Result<(), CliError> {
+    let app = resolve_app(&args.app, Path::new("kiln.toml"))?;
+    let instance = match &args.instance {
+        Some(i) => Some(
+            i.parse()
+                .map_err(|e| CliError::new(exit::USAGE, format!("--instance: {e}")))?,
+        ),
+        None => None,
+    };
+    let query = kiln_api::LogsQuery {
+        follow: Some(args.follow),
+        tail: Some(args.lines),
+        instance,
+    };
+    let mut stream = client(&context::current()?)?.logs(&app, &query).await?;
+    while let Some(r) = stream.next().await? {
+        if args.json {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+        } else {
+            let out = match r.output {
+                kiln_types::frame::Output::Stdout => "out",
+                kiln_types::frame::Output::Stderr => "err",
+            };
+            println!(
+                "{} {} {out} {}",
+                format_ts(r.ts_ms),
+                r.instance_id,
+                r.message
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `2026-11-26T01:02:03.456Z` from milliseconds since the epoch (UTC, no time-zone database).
+fn format_ts(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+async fn exec(args: ExecArgs) -> Result<i32, CliError> {
+    use futures_util::{SinkExt, StreamExt};
+    use kiln_types::frame::{ExecStart, Frame};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let app = resolve_app(&args.app, Path::new("kiln.toml"))?;
+    let c = client(&context::current()?)?;
+    let mut path = format!("/v1/apps/{app}/exec");
+    if let Some(i) = &args.instance {
+        path.push_str(&format!("?instance={i}"));
+    }
+    let ws = c.websocket(&path).await?;
+    let (mut tx, mut rx) = ws.split();
+    let (rows, cols) = if args.tty {
+        crate::term::size().unwrap_or((24, 80))
+    } else {
+        (0, 0)
+    };
+    let start = Frame::ExecStart {
+        stream: 0,
+        start: ExecStart {
+            argv: args.command.clone(),
+            env: vec![],
+            tty: args.tty,
+            rows,
+            cols,
+        },
+    };
+    tx.send(Message::Binary(start.to_bytes().into()))
+        .await
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot start the command: {e}")))?;
+    let _raw = if args.tty && crate::term::stdin_is_tty() {
+        crate::term::RawMode::enable()
+    } else {
+        None
+    };
+
+    // stdin → Stdin frames; end of input → StdinClose.
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Frame>(16);
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = in_tx.send(Frame::StdinClose { stream: 0 }).await;
+                    return;
+                }
+                Ok(n) => {
+                    if in_tx
+                        .send(Frame::Stdin {
+                            stream: 0,
+                            bytes: buf[..n].to_vec(),
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    loop {
+        tokio::select! {
+            Some(frame) = in_rx.recv() => {
+                if tx.send(Message::Binary(frame.to_bytes().into())).await.is_err() {
+                    break;
+                }
+            }
+            msg = rx.next() => {
+                let bytes = match msg {
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Err(e)) => return Err(CliError::new(exit::FAILURE, format!("exec session failed: {e}"))),
+                    Some(Ok(_)) => continue,
+                };
+                match Frame::decode(&bytes) {
+                    Ok(Some((Frame::Stdout { bytes, .. }, _))) => {
+                        let _ = stdout.write_all(&bytes).await;
+                        let _ = stdout.flush().await;
+                    }
+                    Ok(Some((Frame::Stderr { bytes, .. }, _))) => {
+                        let _ = stderr.write_all(&bytes).await;
+                        let _ = stderr.flush().await;
+                    }
+                    Ok(Some((Frame::Error { message, .. }, _))) => eprintln!("error: {message}"),
+                    Ok(Some((Frame::Exit { status, .. }, _))) => return Ok(status.as_code()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Err(CliError::new(
+        exit::FAILURE,
+        "the exec session ended before the command exited",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_are_utc_iso8601() {
+        assert_eq!(super::format_ts(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            super::format_ts(1_795_654_923_456),
+            "2026-11-26T01:02:03.456Z"
+        );
+        assert_eq!(
+            super::format_ts(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
         );
     }
 }

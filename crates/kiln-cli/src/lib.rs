@@ -6,8 +6,10 @@
 //! ([`exit`]). It talks to the platform only through `kiln-api`'s client.
 
 mod cmd;
+mod config_cmd;
 mod context;
 pub mod exit;
+mod term;
 
 use clap::Parser;
 
@@ -40,6 +42,9 @@ pub fn main() -> i32 {
     match rt.block_on(cmd::run(cli)) {
         Ok(()) => exit::OK,
         Err(e) => {
+            if e.message.is_empty() {
+                return e.code;
+            }
             eprintln!("error: {}", e.message);
             if let Some(hint) = &e.hint {
                 eprintln!("hint: {hint}");

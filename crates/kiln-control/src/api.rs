@@ -52,6 +52,11 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
             "/v1/hosts/{host}/instances/{instance}/report",
             post(report_instance),
         )
+        .route("/v1/hosts/{host}/logs", post(ship_logs))
+        .route("/v1/apps/{app}/logs", get(app_logs))
+        .route("/v1/apps/{app}/exec", get(app_exec))
+        .route("/v1/hosts/{host}/exec-requests", get(exec_requests))
+        .route("/v1/hosts/{host}/exec/{session}", get(host_exec))
         .route("/v1/routes", get(routes))
         .layer(middleware::from_fn(request_id))
         .with_state(control)
@@ -533,6 +538,7 @@ async fn routes(
                     app: app.name.clone(),
                     proxy_protocol: svc.proxy_protocol,
                     backends: Vec::new(),
+                    concurrency: None,
                 });
                 route.backends.push(backend);
             }
@@ -541,5 +547,198 @@ async fn routes(
     Ok(Json(RouteTable {
         seq,
         routes: table.into_values().collect(),
+        ports: Vec::new(),
+    }))
+}
+
+/// Largest log batch an agent may send at once.
+const MAX_LOG_BATCH: usize = 5_000;
+
+async fn ship_logs(
+    State(c): Ctl,
+    p: Principal,
+    Path(host): Path<String>,
+    Json(lines): Json<Vec<kiln_api::LogRecord>>,
+) -> ApiResult<Json<serde_json::Value>> {
+    p.require(Scope::Host)?;
+    if lines.len() > MAX_LOG_BATCH {
+        return Err(ApiFailure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("at most {MAX_LOG_BATCH} lines per batch"),
+        ));
+    }
+    let host: HostId = host
+        .parse()
+        .map_err(|_| ApiFailure::not_found("host", &host))?;
+    // A host may only ship lines of instances placed on it, attributed to their real app.
+    let mine: BTreeMap<InstanceId, AppId> = c
+        .store
+        .instances_on_host(host)
+        .await?
+        .into_iter()
+        .map(|i| (i.id, i.app_id))
+        .collect();
+    let accepted: Vec<_> = lines
+        .into_iter()
+        .filter(|l| mine.get(&l.instance_id) == Some(&l.app_id))
+        .collect();
+    c.logs.push(accepted);
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn app_logs(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+    Query(q): Query<kiln_api::LogsQuery>,
+) -> ApiResult<Response> {
+    p.require(Scope::Read)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let instance = q.instance.clone();
+    let matches =
+        move |r: &kiln_api::LogRecord| instance.as_ref().is_none_or(|i| *i == r.instance_id);
+    let (past, mut live) = c.logs.tail(
+        &row.id,
+        q.tail.unwrap_or(100).min(crate::logs::PER_APP),
+        &matches,
+    );
+    let follow = q.follow.unwrap_or(false);
+    let app_id = row.id.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::convert::Infallible>>(64);
+    tokio::spawn(async move {
+        let line = |r: &kiln_api::LogRecord| {
+            let mut v = serde_json::to_vec(r).unwrap_or_default();
+            v.push(b'\n');
+            v
+        };
+        for r in &past {
+            if tx.send(Ok(line(r))).await.is_err() {
+                return;
+            }
+        }
+        if !follow {
+            return;
+        }
+        loop {
+            tokio::select! {
+                msg = live.recv() => match msg {
+                    Ok(r) if r.app_id == app_id && matches(&r) => {
+                        if tx.send(Ok(line(&r))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(skipped = n, "log follower lagged");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok(Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap_or_default())
+}
+
+async fn app_exec(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+    Query(q): Query<kiln_api::ExecQuery>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> ApiResult<Response> {
+    p.require(Scope::Exec)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let running: Vec<InstanceRow> = c
+        .store
+        .instances_of_app(row.id.clone())
+        .await?
+        .into_iter()
+        .filter(|i| i.desired_running && i.state == kiln_types::InstanceState::Healthy)
+        .collect();
+    let target = match &q.instance {
+        Some(id) => running.into_iter().find(|i| &i.id == id).ok_or_else(|| {
+            ApiFailure::new(
+                StatusCode::CONFLICT,
+                "instance_not_running",
+                format!("instance {id} of {app} is not running"),
+            )
+        })?,
+        // The newest release's instance first: that is what a user deploying expects to reach.
+        None => running
+            .into_iter()
+            .max_by_key(|i| (i.release_version, i.created_at))
+            .ok_or_else(|| {
+                ApiFailure::new(
+                    StatusCode::CONFLICT,
+                    "no_running_instance",
+                    format!("{app} has no running instance"),
+                )
+            })?,
+    };
+    let session = format!("exs_{}", InstanceId::generate().suffix());
+    let request = kiln_api::ExecRequest {
+        session: session.clone(),
+        instance_id: target.id.clone(),
+    };
+    let agent = c.exec.request(&target.host_id, request).ok_or_else(|| {
+        ApiFailure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "exec_busy",
+            "too many exec sessions waiting for this host; retry",
+        )
+    })?;
+    tracing::info!(app = %app, instance_id = %target.id, actor = %p.actor(), "exec session requested");
+    Ok(ws.on_upgrade(move |client| async move {
+        match tokio::time::timeout(crate::exec::AGENT_TIMEOUT, agent).await {
+            Ok(Ok(agent)) => crate::exec::splice(client, agent).await,
+            _ => {
+                c.exec.cancel(&session);
+                let mut client = client;
+                let frame = kiln_types::frame::Frame::Error {
+                    stream: 0,
+                    message: "the host agent did not pick up the session".into(),
+                };
+                let _ = client
+                    .send(axum::extract::ws::Message::Binary(frame.to_bytes().into()))
+                    .await;
+            }
+        }
+    }))
+}
+
+async fn exec_requests(
+    State(c): Ctl,
+    p: Principal,
+    Path(host): Path<String>,
+    Query(q): Query<WatchQuery>,
+) -> ApiResult<Json<Vec<kiln_api::ExecRequest>>> {
+    p.require(Scope::Host)?;
+    let host: HostId = host
+        .parse()
+        .map_err(|_| ApiFailure::not_found("host", &host))?;
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(c.config.max_watch);
+    Ok(Json(c.exec.take(&host, wait).await))
+}
+
+async fn host_exec(
+    State(c): Ctl,
+    p: Principal,
+    Path((host, session)): Path<(String, String)>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> ApiResult<Response> {
+    p.require(Scope::Host)?;
+    let _ = host;
+    Ok(ws.on_upgrade(move |socket| async move {
+        if !c.exec.attach(&session, socket) {
+            tracing::debug!(session = %session, "agent attached to an unknown exec session");
+        }
     }))
 }

@@ -24,6 +24,8 @@ pub enum Scope {
     Read,
     /// Create apps and releases.
     Deploy,
+    /// Run commands in instances (`kiln exec`).
+    Exec,
     /// A host agent: register, watch assignments, report instances.
     Host,
     /// An edge: watch routes.
@@ -36,6 +38,7 @@ impl Scope {
             Scope::Admin => "admin",
             Scope::Read => "read",
             Scope::Deploy => "deploy",
+            Scope::Exec => "exec",
             Scope::Host => "host",
             Scope::Edge => "edge",
         }

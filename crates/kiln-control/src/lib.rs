@@ -10,6 +10,8 @@
 mod api;
 mod auth;
 mod error;
+mod exec;
+mod logs;
 mod reconciler;
 
 use std::sync::Arc;
@@ -51,6 +53,8 @@ pub struct Control {
     pub(crate) store: Store,
     pub(crate) config: ControlConfig,
     pub(crate) registry: kiln_oci::RegistryClient,
+    pub(crate) logs: logs::LogStore,
+    pub(crate) exec: exec::ExecBroker,
 }
 
 /// What first start created: the one org and its admin token (shown once, stored only as a hash).
@@ -71,6 +75,8 @@ impl Control {
             store,
             config,
             registry,
+            logs: logs::LogStore::new(),
+            exec: exec::ExecBroker::default(),
         }))
     }
 

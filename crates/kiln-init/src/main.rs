@@ -4,26 +4,35 @@
 //! `/.kiln/run.json`, start the app with its argv, env, working directory and user, reap every
 //! zombie (as PID 1 must), forward signals to the app, stop it gracefully (stop signal, timeout,
 //! then SIGKILL), and record how it ended in `/.kiln/exit.json` before exiting with the app's
-//! status. It depends only on `kiln-types` and libc so that it builds as a small static binary.
+//! status. It also serves the guest channel ([`channel`]): the app's output as timestamped log
+//! records, and commands run by `kiln exec` ([`exec`]). It depends only on `kiln-types` and libc
+//! so that it builds as a small static binary.
 //!
 //! Signal handling walk-through:
-//! 1. all signals are blocked in init before the app is spawned; the child unblocks them before
-//!    exec so the app starts with a clean mask;
-//! 2. init waits with `sigtimedwait`, so signals arrive as values in one loop, with no async
-//!    handlers and no races with `waitpid`;
-//! 3. SIGCHLD → reap everything; termination signals → forward the configured stop signal and arm
-//!    the stop deadline; other signals are forwarded as they are.
+//! 1. all signals are blocked before any thread or child exists, so every thread inherits the
+//!    mask and only the main loop receives signals; children unblock them before exec;
+//! 2. the main thread waits with `sigtimedwait`, so signals arrive as values in one loop, with no
+//!    async handlers and no races with `waitpid`;
+//! 3. SIGCHLD → reap everything, routing exec children's statuses to their sessions; termination
+//!    signals → forward the configured stop signal and arm the stop deadline; other signals are
+//!    forwarded as they are.
 #![allow(unsafe_code)]
 
+mod channel;
+mod exec;
+
+use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_types::guest::{RunConfig, RUN_CONFIG_PATH};
+use kiln_types::frame::{ExitStatus, Frame, Output};
+use kiln_types::guest::{RunConfig, CHANNEL_SOCKET, RUN_CONFIG_PATH};
 
 const EXIT_PATH: &str = "/.kiln/exit.json";
 
-fn log(msg: &str) {
+pub(crate) fn log(msg: &str) {
     eprintln!("kiln-init: {msg}");
 }
 
@@ -48,12 +57,27 @@ fn full_sigset() -> libc::sigset_t {
     }
 }
 
-fn write_exit(code: Option<i32>, signal: Option<i32>) {
-    let body = match (code, signal) {
-        (_, Some(s)) => format!("{{\"code\":null,\"signal\":{s}}}"),
-        (Some(c), None) => format!("{{\"code\":{c},\"signal\":null}}"),
-        _ => "{\"code\":null,\"signal\":null}".to_owned(),
-    };
+/// Restores the default signal mask in a child between fork and exec, and makes it a session
+/// leader so a signal can reach its whole process group.
+pub(crate) fn child_setup(cmd: &mut Command) {
+    // SAFETY: between fork and exec only async-signal-safe calls are made (sigprocmask, setsid).
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
+fn write_exit(status: ExitStatus) {
+    let body = format!(
+        "{{\"code\":{},\"signal\":{}}}",
+        status.code.map_or("null".into(), |c| c.to_string()),
+        status.signal.map_or("null".into(), |s| s.to_string())
+    );
     let _ = std::fs::write(EXIT_PATH, body);
 }
 
@@ -65,52 +89,97 @@ fn main() {
         Ok(c) => c,
         Err(e) => {
             log(&format!("cannot read {RUN_CONFIG_PATH}: {e}"));
-            write_exit(Some(127), None);
+            write_exit(ExitStatus {
+                code: Some(127),
+                signal: None,
+            });
             std::process::exit(127);
         }
     };
     std::process::exit(run(config));
 }
 
+/// Copies one of the app's outputs to init's own (the runtime's log) and to the channel.
+fn pump_logs(mut from: impl Read, output: Output, shared: Arc<channel::Shared>) {
+    let mut buf = vec![0u8; kiln_types::frame::MAX_CHUNK];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        let _ = match output {
+            Output::Stdout => std::io::Write::write_all(&mut std::io::stdout(), chunk),
+            Output::Stderr => std::io::Write::write_all(&mut std::io::stderr(), chunk),
+        };
+        shared.log(Frame::Log {
+            output,
+            ts_ms: kiln_types::now_millis(),
+            bytes: chunk.to_vec(),
+        });
+    }
+}
+
 fn run(config: RunConfig) -> i32 {
     let all = full_sigset();
-    // SAFETY: blocking signals in our own thread; the set is initialised.
+    // SAFETY: blocking signals in the only thread that exists yet; the set is initialised.
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut()) };
+
+    let config = Arc::new(config);
+    let shared = channel::Shared::new(config.clone());
+    if let Err(e) = channel::listen(CHANNEL_SOCKET, shared.clone()) {
+        // The app still runs without a channel; exec and log shipping are unavailable.
+        log(&format!(
+            "cannot serve the guest channel at {CHANNEL_SOCKET}: {e}"
+        ));
+    }
 
     let Some((program, args)) = config.argv.split_first() else {
         log("run configuration has an empty argv");
-        write_exit(Some(127), None);
+        write_exit(ExitStatus {
+            code: Some(127),
+            signal: None,
+        });
         return 127;
     };
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
         .envs(&config.env)
-        .current_dir(&config.workdir);
+        .current_dir(&config.workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if config.uid != 0 || config.gid != 0 {
         // std drops root's supplementary groups when it switches uid.
         cmd.uid(config.uid).gid(config.gid);
     }
-    // SAFETY: between fork and exec only async-signal-safe calls are made (sigprocmask, setsid).
-    unsafe {
-        cmd.pre_exec(|| {
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            // Own session and process group, so a stop signal can reach the app's whole group.
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let child = match cmd.spawn() {
+    child_setup(&mut cmd);
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             log(&format!("cannot start {program:?}: {e}"));
-            write_exit(Some(127), None);
+            write_exit(ExitStatus {
+                code: Some(127),
+                signal: None,
+            });
             return 127;
         }
     };
     let pid = child.id() as libc::pid_t;
+    let mut pumps = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        let s = shared.clone();
+        pumps.push(std::thread::spawn(move || {
+            pump_logs(out, Output::Stdout, s)
+        }));
+    }
+    if let Some(err) = child.stderr.take() {
+        let s = shared.clone();
+        pumps.push(std::thread::spawn(move || {
+            pump_logs(err, Output::Stderr, s)
+        }));
+    }
     // std's Child would reap on wait; we reap everything ourselves with waitpid(-1).
     std::mem::forget(child);
 
@@ -138,8 +207,14 @@ fn run(config: RunConfig) -> i32 {
         }
         match sig {
             libc::SIGCHLD => {
-                if let Some(status) = reap(pid) {
-                    return status;
+                if let Some(status) = reap(pid, &shared) {
+                    // Let the app's last output reach the log before init (and the instance) ends.
+                    for p in pumps {
+                        let _ = p.join();
+                    }
+                    shared.flush(Duration::from_millis(500));
+                    write_exit(status);
+                    return status.as_code();
                 }
             }
             libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {
@@ -157,26 +232,33 @@ fn run(config: RunConfig) -> i32 {
     }
 }
 
-/// Reaps every exited child; returns the exit status to use when the app itself exited.
-fn reap(app: libc::pid_t) -> Option<i32> {
+/// Reaps every exited child; returns the app's status when the app itself exited.
+fn reap(app: libc::pid_t, shared: &channel::Shared) -> Option<ExitStatus> {
     let mut result = None;
     loop {
-        let mut status = 0;
-        // SAFETY: status is a valid out pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        let mut raw = 0;
+        // SAFETY: raw is a valid out pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
         if pid <= 0 {
             return result;
         }
-        if pid == app {
-            if libc::WIFEXITED(status) {
-                let code = libc::WEXITSTATUS(status);
-                write_exit(Some(code), None);
-                result = Some(code);
-            } else if libc::WIFSIGNALED(status) {
-                let sig = libc::WTERMSIG(status);
-                write_exit(None, Some(sig));
-                result = Some(128 + sig);
+        let status = if libc::WIFEXITED(raw) {
+            ExitStatus {
+                code: Some(libc::WEXITSTATUS(raw)),
+                signal: None,
             }
+        } else if libc::WIFSIGNALED(raw) {
+            ExitStatus {
+                code: None,
+                signal: Some(libc::WTERMSIG(raw)),
+            }
+        } else {
+            continue;
+        };
+        if pid == app {
+            result = Some(status);
+        } else {
+            shared.child_exited(pid, status);
         }
     }
 }

@@ -77,20 +77,53 @@ impl ExitStatus {
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     /// A line or chunk the app wrote, with the guest's wall-clock time in ms since the epoch.
-    Log { output: Output, ts_ms: i64, bytes: Vec<u8> },
-    ExecStart { stream: u32, start: ExecStart },
-    Stdin { stream: u32, bytes: Vec<u8> },
+    Log {
+        output: Output,
+        ts_ms: i64,
+        bytes: Vec<u8>,
+    },
+    ExecStart {
+        stream: u32,
+        start: ExecStart,
+    },
+    Stdin {
+        stream: u32,
+        bytes: Vec<u8>,
+    },
     /// No more stdin for this stream.
-    StdinClose { stream: u32 },
-    Stdout { stream: u32, bytes: Vec<u8> },
-    Stderr { stream: u32, bytes: Vec<u8> },
-    Resize { stream: u32, rows: u16, cols: u16 },
-    Signal { stream: u32, signal: i32 },
-    Exit { stream: u32, status: ExitStatus },
+    StdinClose {
+        stream: u32,
+    },
+    Stdout {
+        stream: u32,
+        bytes: Vec<u8>,
+    },
+    Stderr {
+        stream: u32,
+        bytes: Vec<u8>,
+    },
+    Resize {
+        stream: u32,
+        rows: u16,
+        cols: u16,
+    },
+    Signal {
+        stream: u32,
+        signal: i32,
+    },
+    Exit {
+        stream: u32,
+        status: ExitStatus,
+    },
     /// The stream (or, with stream 0, the session) failed; the message is for people.
-    Error { stream: u32, message: String },
+    Error {
+        stream: u32,
+        message: String,
+    },
 }
 
 /// Why bytes could not be decoded as a frame.
@@ -135,7 +168,11 @@ impl Frame {
                 put_header(out, kind::HELLO, 0, 4);
                 out.extend_from_slice(&version.to_be_bytes());
             }
-            Frame::Log { output, ts_ms, bytes } => {
+            Frame::Log {
+                output,
+                ts_ms,
+                bytes,
+            } => {
                 put_header(out, kind::LOG, 0, 9 + bytes.len());
                 out.push(match output {
                     Output::Stdout => 1,
@@ -193,16 +230,24 @@ impl Frame {
     /// Decodes one frame from the start of `buf`: `Ok(None)` when more bytes are needed,
     /// `Ok(Some((frame, consumed)))` otherwise. An error is final for the connection.
     pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
-        let Some(len_bytes) = buf.get(..HEADER_LEN) else { return Ok(None) };
-        let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
+        let Some(len_bytes) = buf.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let len =
+            u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
         if !(BODY_MIN..=MAX_FRAME_LEN).contains(&len) {
             return Err(FrameError::BadLength(len));
         }
-        let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else { return Ok(None) };
+        let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
+            return Ok(None);
+        };
         let k = body[0];
         let stream = u32::from_be_bytes([body[1], body[2], body[3], body[4]]);
         let p = &body[BODY_MIN..];
-        let bad = |reason: &str| FrameError::BadPayload { kind: k, reason: reason.to_owned() };
+        let bad = |reason: &str| FrameError::BadPayload {
+            kind: k,
+            reason: reason.to_owned(),
+        };
         let fixed = |n: usize| -> Result<&[u8], FrameError> {
             if p.len() == n {
                 Ok(p)
@@ -213,7 +258,9 @@ impl Frame {
         let frame = match k {
             kind::HELLO => {
                 let b = fixed(4)?;
-                Frame::Hello { version: u32::from_be_bytes([b[0], b[1], b[2], b[3]]) }
+                Frame::Hello {
+                    version: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                }
             }
             kind::LOG => {
                 if p.len() < 9 {
@@ -226,32 +273,55 @@ impl Frame {
                 };
                 let mut ts = [0u8; 8];
                 ts.copy_from_slice(&p[1..9]);
-                Frame::Log { output, ts_ms: i64::from_be_bytes(ts), bytes: p[9..].to_vec() }
+                Frame::Log {
+                    output,
+                    ts_ms: i64::from_be_bytes(ts),
+                    bytes: p[9..].to_vec(),
+                }
             }
             kind::EXEC_START => Frame::ExecStart {
                 stream,
                 start: serde_json::from_slice(p).map_err(|e| bad(&e.to_string()))?,
             },
-            kind::STDIN => Frame::Stdin { stream, bytes: p.to_vec() },
+            kind::STDIN => Frame::Stdin {
+                stream,
+                bytes: p.to_vec(),
+            },
             kind::STDIN_CLOSE => {
                 fixed(0)?;
                 Frame::StdinClose { stream }
             }
-            kind::STDOUT => Frame::Stdout { stream, bytes: p.to_vec() },
-            kind::STDERR => Frame::Stderr { stream, bytes: p.to_vec() },
+            kind::STDOUT => Frame::Stdout {
+                stream,
+                bytes: p.to_vec(),
+            },
+            kind::STDERR => Frame::Stderr {
+                stream,
+                bytes: p.to_vec(),
+            },
             kind::RESIZE => {
                 let b = fixed(4)?;
-                Frame::Resize { stream, rows: u16::from_be_bytes([b[0], b[1]]), cols: u16::from_be_bytes([b[2], b[3]]) }
+                Frame::Resize {
+                    stream,
+                    rows: u16::from_be_bytes([b[0], b[1]]),
+                    cols: u16::from_be_bytes([b[2], b[3]]),
+                }
             }
             kind::SIGNAL => {
                 let b = fixed(4)?;
-                Frame::Signal { stream, signal: i32::from_be_bytes([b[0], b[1], b[2], b[3]]) }
+                Frame::Signal {
+                    stream,
+                    signal: i32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                }
             }
             kind::EXIT => Frame::Exit {
                 stream,
                 status: serde_json::from_slice(p).map_err(|e| bad(&e.to_string()))?,
             },
-            kind::ERROR => Frame::Error { stream, message: String::from_utf8_lossy(p).into_owned() },
+            kind::ERROR => Frame::Error {
+                stream,
+                message: String::from_utf8_lossy(p).into_owned(),
+            },
             other => return Err(FrameError::UnknownKind(other)),
         };
         Ok(Some((frame, HEADER_LEN + len)))
@@ -304,20 +374,57 @@ mod tests {
 
     fn all() -> Vec<Frame> {
         vec![
-            Frame::Hello { version: PROTOCOL_VERSION },
-            Frame::Log { output: Output::Stderr, ts_ms: 1_700_000_000_123, bytes: b"line\n".to_vec() },
+            Frame::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            Frame::Log {
+                output: Output::Stderr,
+                ts_ms: 1_700_000_000_123,
+                bytes: b"line\n".to_vec(),
+            },
             Frame::ExecStart {
                 stream: 7,
-                start: ExecStart { argv: vec!["sh".into(), "-c".into(), "echo hi".into()], env: vec![("A".into(), "b".into())], tty: true, rows: 24, cols: 80 },
+                start: ExecStart {
+                    argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                    env: vec![("A".into(), "b".into())],
+                    tty: true,
+                    rows: 24,
+                    cols: 80,
+                },
             },
-            Frame::Stdin { stream: 7, bytes: vec![0, 1, 2, 255] },
+            Frame::Stdin {
+                stream: 7,
+                bytes: vec![0, 1, 2, 255],
+            },
             Frame::StdinClose { stream: 7 },
-            Frame::Stdout { stream: 7, bytes: b"out".to_vec() },
-            Frame::Stderr { stream: 7, bytes: vec![] },
-            Frame::Resize { stream: 7, rows: 50, cols: 132 },
-            Frame::Signal { stream: 7, signal: 15 },
-            Frame::Exit { stream: 7, status: ExitStatus { code: Some(3), signal: None } },
-            Frame::Error { stream: 0, message: "no such instance".into() },
+            Frame::Stdout {
+                stream: 7,
+                bytes: b"out".to_vec(),
+            },
+            Frame::Stderr {
+                stream: 7,
+                bytes: vec![],
+            },
+            Frame::Resize {
+                stream: 7,
+                rows: 50,
+                cols: 132,
+            },
+            Frame::Signal {
+                stream: 7,
+                signal: 15,
+            },
+            Frame::Exit {
+                stream: 7,
+                status: ExitStatus {
+                    code: Some(3),
+                    signal: None,
+                },
+            },
+            Frame::Error {
+                stream: 0,
+                message: "no such instance".into(),
+            },
         ]
     }
 
@@ -344,11 +451,26 @@ mod tests {
 
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
-        assert_eq!(Frame::decode(&[0, 0, 0, 1, 1]), Err(FrameError::BadLength(1)));
-        assert_eq!(Frame::decode(&[0xff, 0xff, 0xff, 0xff]), Err(FrameError::BadLength(u32::MAX as usize)));
-        assert_eq!(Frame::decode(&[0, 0, 0, 5, 99, 0, 0, 0, 0]), Err(FrameError::UnknownKind(99)));
-        assert!(matches!(Frame::decode(&[0, 0, 0, 6, kind::HELLO, 0, 0, 0, 0, 1]), Err(FrameError::BadPayload { .. })));
-        assert!(matches!(Frame::decode(&[0, 0, 0, 6, kind::EXIT, 0, 0, 0, 0, b'{']), Err(FrameError::BadPayload { .. })));
+        assert_eq!(
+            Frame::decode(&[0, 0, 0, 1, 1]),
+            Err(FrameError::BadLength(1))
+        );
+        assert_eq!(
+            Frame::decode(&[0xff, 0xff, 0xff, 0xff]),
+            Err(FrameError::BadLength(u32::MAX as usize))
+        );
+        assert_eq!(
+            Frame::decode(&[0, 0, 0, 5, 99, 0, 0, 0, 0]),
+            Err(FrameError::UnknownKind(99))
+        );
+        assert!(matches!(
+            Frame::decode(&[0, 0, 0, 6, kind::HELLO, 0, 0, 0, 0, 1]),
+            Err(FrameError::BadPayload { .. })
+        ));
+        assert!(matches!(
+            Frame::decode(&[0, 0, 0, 6, kind::EXIT, 0, 0, 0, 0, b'{']),
+            Err(FrameError::BadPayload { .. })
+        ));
         assert_eq!(Frame::decode(&[0, 0, 0, 9, kind::STDOUT]), Ok(None));
         // A deterministic mutation sweep over valid frames: nothing may panic.
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 pub const RUN_CONFIG_PATH: &str = "/.kiln/run.json";
 /// Where the kiln-init binary is placed inside the instance.
 pub const INIT_PATH: &str = "/.kiln/init";
+/// Directory shared with the host under runc (a bind mount of the instance's `run/` directory).
+pub const RUN_DIR: &str = "/.kiln/run";
+/// The guest channel's Unix socket under runc, served by kiln-init, connected to by the agent.
+pub const CHANNEL_SOCKET: &str = "/.kiln/run/channel.sock";
 
 /// Everything kiln-init needs to start the app.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

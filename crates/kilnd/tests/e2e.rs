@@ -68,7 +68,13 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let registry = Registry::start(&tmp.path().join("registry")).await?;
     let hello = kiln_testkit::example::build_hello_tls()?;
-    let v1 = kiln_testkit::example::hello_tls_image(&hello, "hello")?.build()?;
+    // busybox (Debian's static build) gives `kiln exec` something to run inside the image.
+    let busybox = std::fs::read("/bin/busybox")
+        .context("busybox-static is installed by scripts/install-deps")?;
+    let v1 = kiln_testkit::example::hello_tls_image(&hello, "hello")?
+        .file("/bin/busybox", busybox, 0o755)
+        .symlink("/bin/sh", "busybox")
+        .build()?;
     let v1_digest = v1.push(&registry.host(), "hello-tls", "v1").await?;
     let v2 = kiln_testkit::example::hello_tls_image(&hello, "howdy")?.build()?;
     v2.push(&registry.host(), "hello-tls", "v2").await?;
@@ -116,6 +122,79 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
     ensure!(
         body.trim() == "hello from hello-tls sni=hello-tls.kiln.test client=::1",
         "body: {body}"
+    );
+
+    // The app's stdout reaches `kiln logs` through kiln-init, the guest channel, the agent's
+    // shipper and the control plane's log store.
+    let mut logged = String::new();
+    for _ in 0..100 {
+        logged = cli.ok(&["logs", "-a", "hello-tls", "-n", "50"])?;
+        if logged.contains("client=::1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    ensure!(
+        logged.contains("client=127.0.0.1") && logged.contains("client=::1"),
+        "logs: {logged}"
+    );
+    ensure!(
+        logged.lines().all(|l| l.contains(" ins_")),
+        "every line names its instance: {logged}"
+    );
+
+    // `kiln exec` runs a command in the instance: separate stdout and stderr, stdin, exit code.
+    let out = cli.run(&[
+        "exec",
+        "-a",
+        "hello-tls",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo out-$KILN_APP_NAME; echo err >&2; exit 7",
+    ]);
+    ensure!(
+        out.status.code() == Some(7),
+        "exit code of the remote command: {:?} {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stdout) == "out-hello-tls\n",
+        "stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr) == "err\n",
+        "stderr: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = Command::new(&cli.bin)
+        .args(["exec", "-a", "hello-tls", "--", "/bin/busybox", "wc", "-c"])
+        .current_dir(&cli.dir)
+        .env("KILN_CONFIG", &cli.config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, &[b'x'; 100_000])?;
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "100000",
+        "stdin reached the command: {:?}",
+        out
+    );
+    let out = cli.run(&["exec", "-t", "-a", "hello-tls", "--", "/bin/busybox", "tty"]);
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("/dev/pts/"),
+        "a tty was allocated: {:?}",
+        out
+    );
+    let out = cli.run(&["exec", "-a", "hello-tls", "--", "/no/such/command"]);
+    ensure!(
+        out.status.code() == Some(127),
+        "a missing command exits 127: {:?}",
+        out
     );
 
     // A changed image serves the new answer.

@@ -1,0 +1,222 @@
+//! The guest side of the guest channel: one agent connection at a time.
+//!
+//! kiln-init listens on a Unix socket (under runc; a VM transport would hand it a connected
+//! stream the same way) and serves the agent that connects: it sends `Hello`, then every log
+//! record, and dispatches the agent's exec frames to [`crate::exec`]. A newer connection replaces
+//! the older one (an agent restart reconnects). Log records produced while no agent is connected
+//! wait in a bounded backlog; past its size the oldest are dropped and counted, so a disconnected
+//! agent can never make init run out of memory.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kiln_types::frame::{ExitStatus, Frame, FrameReader, PROTOCOL_VERSION};
+use kiln_types::guest::RunConfig;
+
+use crate::exec::Session;
+
+/// Bytes of log records kept while no agent is connected.
+const BACKLOG_BYTES: usize = 1024 * 1024;
+
+#[derive(Default)]
+struct Backlog {
+    frames: VecDeque<Vec<u8>>,
+    bytes: usize,
+    dropped: u64,
+}
+
+pub(crate) struct Shared {
+    pub config: Arc<RunConfig>,
+    conn: Mutex<Option<UnixStream>>,
+    backlog: Mutex<Backlog>,
+    /// Exec sessions by child pid (for reaping) — held across spawn so a fast exit finds its session.
+    pub sessions: Mutex<HashMap<libc::pid_t, Arc<Session>>>,
+    /// Exec sessions by stream id (for input frames).
+    pub streams: Mutex<HashMap<u32, Arc<Session>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn new(config: Arc<RunConfig>) -> Arc<Shared> {
+        Arc::new(Shared {
+            config,
+            conn: Mutex::new(None),
+            backlog: Mutex::new(Backlog::default()),
+            sessions: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Sends a frame to the connected agent; false when none is connected or the write failed.
+    pub fn send(&self, frame: &Frame) -> bool {
+        let bytes = frame.to_bytes();
+        let mut conn = lock(&self.conn);
+        write_or_drop(&mut conn, &bytes)
+    }
+
+    /// Sends a log record, or keeps it in the backlog while no agent is connected.
+    pub fn log(&self, frame: Frame) {
+        let bytes = frame.to_bytes();
+        let mut conn = lock(&self.conn);
+        if write_or_drop(&mut conn, &bytes) {
+            return;
+        }
+        let mut b = lock(&self.backlog);
+        b.bytes += bytes.len();
+        b.frames.push_back(bytes);
+        while b.bytes > BACKLOG_BYTES {
+            match b.frames.pop_front() {
+                Some(old) => {
+                    b.bytes -= old.len();
+                    b.dropped += 1;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Waits (up to `timeout`) for an agent to take the backlog, so the app's last words are not
+    /// lost when it exits right before the agent connects.
+    pub fn flush(&self, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        while !lock(&self.backlog).frames.is_empty() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Routes an exec child's exit status to its session.
+    pub fn child_exited(&self, pid: libc::pid_t, status: ExitStatus) {
+        let session = lock(&self.sessions).remove(&pid);
+        if let Some(s) = session {
+            s.exited(self, status);
+        }
+    }
+
+    fn attach(&self, stream: UnixStream) -> std::io::Result<()> {
+        let mut conn = lock(&self.conn);
+        let mut w = stream.try_clone()?;
+        w.write_all(
+            &Frame::Hello {
+                version: PROTOCOL_VERSION,
+            }
+            .to_bytes(),
+        )?;
+        let mut b = lock(&self.backlog);
+        if b.dropped > 0 {
+            let note = format!(
+                "kiln-init: {} log records dropped while no agent was connected\n",
+                b.dropped
+            );
+            let f = Frame::Log {
+                output: kiln_types::frame::Output::Stderr,
+                ts_ms: kiln_types::now_millis(),
+                bytes: note.into_bytes(),
+            };
+            w.write_all(&f.to_bytes())?;
+            b.dropped = 0;
+        }
+        while let Some(f) = b.frames.pop_front() {
+            b.bytes -= f.len();
+            w.write_all(&f)?;
+        }
+        if let Some(old) = conn.replace(w) {
+            let _ = old.shutdown(Shutdown::Both);
+        }
+        Ok(())
+    }
+}
+
+fn write_or_drop(conn: &mut Option<UnixStream>, bytes: &[u8]) -> bool {
+    match conn {
+        Some(s) => {
+            if s.write_all(bytes).is_ok() {
+                true
+            } else {
+                *conn = None;
+                false
+            }
+        }
+        None => false,
+    }
+}
+
+/// Binds the channel socket and serves connections on a background thread.
+pub(crate) fn listen(path: &str, shared: Arc<Shared>) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let reader = match stream.try_clone() {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            if shared.attach(stream).is_err() {
+                continue;
+            }
+            let s = shared.clone();
+            std::thread::spawn(move || serve(reader, s));
+        }
+    });
+    Ok(())
+}
+
+/// Reads the agent's frames until the connection ends.
+fn serve(mut stream: UnixStream, shared: Arc<Shared>) {
+    let mut reader = FrameReader::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        reader.push(&buf[..n]);
+        loop {
+            match reader.next_frame() {
+                Ok(Some(frame)) => dispatch(frame, &shared),
+                Ok(None) => break,
+                Err(e) => {
+                    shared.send(&Frame::Error {
+                        stream: 0,
+                        message: format!("bad frame: {e}"),
+                    });
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn dispatch(frame: Frame, shared: &Arc<Shared>) {
+    match frame {
+        Frame::Hello { .. } => {}
+        Frame::ExecStart { stream, start } => crate::exec::start(shared, stream, start),
+        Frame::Stdin { stream, bytes } => with_session(shared, stream, |s| s.input(&bytes)),
+        Frame::StdinClose { stream } => with_session(shared, stream, |s| s.close_input()),
+        Frame::Resize { stream, rows, cols } => {
+            with_session(shared, stream, |s| s.resize(rows, cols))
+        }
+        Frame::Signal { stream, signal } => with_session(shared, stream, |s| s.signal(signal)),
+        // Frames only the guest sends; an agent sending them is ignored.
+        Frame::Log { .. }
+        | Frame::Stdout { .. }
+        | Frame::Stderr { .. }
+        | Frame::Exit { .. }
+        | Frame::Error { .. } => {}
+    }
+}
+
+fn with_session(shared: &Shared, stream: u32, f: impl FnOnce(&Session)) {
+    let s = lock(&shared.streams).get(&stream).cloned();
+    if let Some(s) = s {
+        f(&s);
+    }
+}
