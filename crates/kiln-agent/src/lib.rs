@@ -18,6 +18,7 @@ mod instance;
 mod logs;
 mod netlink;
 mod runc;
+pub mod runtime;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
