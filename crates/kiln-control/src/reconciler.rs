@@ -15,14 +15,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kiln_manifest::Manifest;
+use kiln_manifest::{Manifest, Process, RestartPolicy};
 use kiln_scheduler::{HostCapacity, Policy, Request};
 use kiln_store::{Append, InstanceRow, Metadata, NewEvent, ReleaseRow};
 use kiln_types::event::{Event, ReleaseState};
-use kiln_types::workload::{NetworkSpec, VmSpec};
+use kiln_types::workload::{BootSpec, MetricsSpec, NetworkSpec, SecretsSpec, VmSpec};
 use kiln_types::{
-    now_millis, AppId, HostId, InstanceId, InstanceState, MiB, MilliCpu, ServiceSpec, StopSpec,
-    WorkloadSpec, WORKLOAD_SPEC_VERSION,
+    now_millis, AppId, HostId, InstanceId, InstanceState, MiB, MilliCpu, StopSpec, WorkloadSpec,
+    WORKLOAD_SPEC_VERSION,
 };
 
 use crate::error::ControlError;
@@ -278,22 +278,29 @@ impl Plan<'_> {
                 ReleaseState::Failed,
                 Some(format!(
                     "{healthy} of {} instance(s) healthy after {}s (deploy.health_timeout)",
-                    manifest.scale.count,
+                    manifest.total_count(),
                     manifest.deploy.health_timeout_ms / 1000
                 )),
             );
             self.stop_all(insts, "deploy failed");
             return;
         }
-        let want = manifest.scale.count as usize;
-        if live.len() < want {
-            for _ in live.len()..want {
-                if let Err(reason) = self.place(rel, &manifest) {
+        // Each process group gets its own instances: `scale.count` per region, each spec
+        // carrying the group's name, command and services.
+        let mut placed = false;
+        for group in &manifest.processes {
+            let want = manifest.desired_count(group) as usize;
+            let have = live.iter().filter(|i| i.spec.process == group.name).count();
+            for _ in have..want {
+                if let Err(reason) = self.place(rel, &manifest, group) {
                     self.release_state(app_id, rel, ReleaseState::Failed, Some(reason));
                     self.stop_all(insts, "deploy failed");
                     return;
                 }
+                placed = true;
             }
+        }
+        if placed {
             return;
         }
         if live.iter().all(|i| i.state == InstanceState::Healthy) {
@@ -324,19 +331,36 @@ impl Plan<'_> {
         {
             self.stop(i, "replaced after failure");
         }
-        let live = insts
-            .iter()
-            .filter(|i| i.desired_running && !i.state.is_terminal())
-            .count();
-        for _ in live..manifest.scale.count as usize {
-            if let Err(reason) = self.place(rel, &manifest) {
-                tracing::warn!(release_id = %rel.id, reason = %reason, "cannot replace failed instance");
-                return;
+        if manifest.restart.policy == RestartPolicy::Never {
+            return;
+        }
+        for group in &manifest.processes {
+            let of_group = || insts.iter().filter(|i| i.spec.process == group.name);
+            // Each failure of this group was replaced once; stop after `max_retries`.
+            let failures = of_group()
+                .filter(|i| i.state == InstanceState::Failed)
+                .count();
+            if failures > manifest.restart.max_retries as usize {
+                continue;
+            }
+            let live = of_group()
+                .filter(|i| i.desired_running && !i.state.is_terminal())
+                .count();
+            for _ in live..manifest.desired_count(group) as usize {
+                if let Err(reason) = self.place(rel, &manifest, group) {
+                    tracing::warn!(release_id = %rel.id, reason = %reason, "cannot replace failed instance");
+                    return;
+                }
             }
         }
     }
 
-    fn place(&mut self, rel: &ReleaseRow, manifest: &Manifest) -> Result<(), String> {
+    fn place(
+        &mut self,
+        rel: &ReleaseRow,
+        manifest: &Manifest,
+        group: &Process,
+    ) -> Result<(), String> {
         let req = Request {
             memory: manifest.vm.memory,
             cpu: MilliCpu::from_cpus(manifest.vm.cpus),
@@ -359,41 +383,45 @@ impl Plan<'_> {
             h.used_memory.0 += req.memory.0 + kiln_scheduler::INSTANCE_OVERHEAD.0;
             h.used_cpu.0 += req.cpu.0;
         }
-        let spec = WorkloadSpec {
+        // No secrets store yet: version 0 (no secrets file), so nothing to export either.
+        let secrets = SecretsSpec::default();
+        let mut spec = WorkloadSpec {
             spec_version: WORKLOAD_SPEC_VERSION.into(),
+            requires: Default::default(),
             instance_id: InstanceId::generate(),
             app_id: rel.app_id.clone(),
             app_name: manifest.app.clone(),
             release_id: rel.id.clone(),
             release_version: rel.version,
-            process: "app".into(),
+            process: group.name.clone(),
             image: rel.image.clone(),
-            entrypoint: None,
-            command: None,
+            boot: BootSpec::default(),
+            entrypoint: group.entrypoint.clone(),
+            command: group.command.clone(),
             env: manifest.env.clone(),
             vm: VmSpec {
                 cpu: req.cpu,
                 memory: req.memory,
+                cpu_kind: manifest.vm.cpu_kind,
             },
             network: NetworkSpec {
                 ipv6,
                 gateway: kiln_types::net::host_address(index),
             },
-            services: manifest
-                .services
-                .iter()
-                .map(|s| ServiceSpec {
-                    protocol: s.protocol,
-                    internal_port: s.internal_port,
-                    proxy_protocol: s.proxy_protocol,
-                    hostnames: s.hostnames.clone(),
-                })
-                .collect(),
+            services: group.services.iter().map(|s| s.to_spec()).collect(),
+            mounts: manifest.mount_specs(&group.name),
+            secrets,
+            metrics: manifest.metrics.as_ref().map(|m| MetricsSpec {
+                port: m.port,
+                path: m.path.clone(),
+            }),
             stop: StopSpec {
                 signal: manifest.stop_signal.clone(),
                 timeout_ms: manifest.stop_timeout_ms,
             },
         };
+        // Name what an agent must not ignore, so that one lacking it refuses the spec whole.
+        spec.requires = spec.required_capabilities();
         tracing::info!(instance_id = %spec.instance_id, host_id = %host, release_id = %rel.id, "instance placed");
         self.events.push(Event::InstancePlaced {
             host_id: host,

@@ -1,25 +1,83 @@
-//! `kiln.toml`: parsing, defaults and validation.
+//! `kiln.toml`: parsing, defaults, validation, printing and JSON Schema.
 //!
-//! This crate owns the manifest format users write: its schema, its defaults, and its error
-//! messages, which name the line and column of every problem. It turns a file into a
-//! [`Manifest`] whose every field is resolved (defaults applied). It does not know about releases,
-//! hosts or the [`kiln_types::WorkloadSpec`]; the control plane derives those from a manifest.
+//! This crate owns the manifest format users write: its schema (declared once, in `schema.rs`,
+//! and rendered as JSON Schema by [`json_schema`]), its defaults ([`defaults`]), its error
+//! messages (every problem of a file at once, each with line, column, what was expected and, for
+//! a misspelt key or value, a suggestion), the resolved form [`Manifest`] that the control plane
+//! stores in releases (and reads back across versions), the printer [`to_toml`] behind
+//! `kiln config show --resolved`, and the template behind `kiln init`.
+//!
+//! It converts its own pieces into the WorkloadSpec pieces they become ([`Service::to_spec`],
+//! [`Manifest::mount_specs`]) but never builds a whole [`kiln_types::WorkloadSpec`]: instance ids,
+//! addresses and hosts belong to the control plane. It does no I/O.
+//!
+//! Parsing is total: any input gives a manifest or a list of problems, never a panic (fuzzed in
+//! `fuzz/`, property-tested in `tests/`).
 
-use std::collections::BTreeMap;
+mod init;
+mod json_schema;
+mod model;
+mod render;
+mod schema;
+mod text;
+mod validate;
+
 use std::fmt;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use toml::Spanned;
 
-use kiln_types::{AppName, MiB, ServiceProtocol};
+pub use init::{app_name_from_image, template as init_template, InitOptions, SECTION_MARK};
+pub use json_schema::{json_schema, json_schema_text};
+pub use model::{
+    Deploy, Manifest, MaxUnavailable, Metrics, Mount, Process, Restart, RestartPolicy, Scale,
+    Secrets, Service, Strategy, Vm,
+};
+pub use render::{to_toml, Style};
+pub use text::{format_duration, parse_duration, parse_size_mib, split_command};
 
 /// Memory is allocated in units of this many MiB.
 pub const MEMORY_UNIT_MIB: u64 = 64;
-/// Largest instance count per process group accepted in a manifest.
+/// Largest `vm.memory_mib`.
+pub const MAX_MEMORY_MIB: u64 = 256 * 1024;
+/// Largest instance count per process group and region accepted in a manifest.
 pub const MAX_COUNT: u32 = 1_000;
+/// Largest volume (16 TiB), in MiB.
+pub const MAX_VOLUME_MIB: u64 = 16 * 1024 * 1024;
+/// Longest `stop_timeout` and `deploy.health_timeout` (24 hours).
+pub const MAX_DURATION_MS: u64 = 24 * 3_600_000;
+/// Manifests larger than this are refused before parsing (a kiln.toml is a few KiB).
+pub const MAX_SOURCE_BYTES: usize = 1024 * 1024;
 
-/// One problem found in a manifest, with its position (1-based) when known.
+/// Defaults, documented in docs/specs/manifest/manifest-schema.md (a docs test compares).
+pub mod defaults {
+    use kiln_types::workload::{CheckSpec, Concurrency};
+
+    /// The process group of a manifest without `[processes]`.
+    pub const PROCESS: &str = "app";
+    pub const PRIMARY_REGION: &str = "local";
+    pub const CPUS: u32 = 1;
+    pub const MEMORY_MIB: u64 = 256;
+    pub const COUNT: u32 = 1;
+    pub const SOFT_LIMIT: u32 = Concurrency::DEFAULT_SOFT;
+    pub const HARD_LIMIT: u32 = Concurrency::DEFAULT_HARD;
+    pub const CHECK_INTERVAL: &str = "10s";
+    pub const CHECK_INTERVAL_MS: u64 = CheckSpec::DEFAULT_INTERVAL_MS;
+    pub const CHECK_TIMEOUT: &str = "2s";
+    pub const CHECK_TIMEOUT_MS: u64 = CheckSpec::DEFAULT_TIMEOUT_MS;
+    pub const CHECK_GRACE_PERIOD: &str = "5s";
+    pub const CHECK_GRACE_PERIOD_MS: u64 = CheckSpec::DEFAULT_GRACE_PERIOD_MS;
+    pub const VOLUME_SIZE: &str = "1gb";
+    pub const VOLUME_SIZE_MIB: u64 = 1024;
+    pub const MAX_UNAVAILABLE: u32 = 1;
+    pub const HEALTH_TIMEOUT: &str = "60s";
+    pub const HEALTH_TIMEOUT_MS: u64 = 60_000;
+    pub const MAX_RETRIES: u32 = 10;
+    pub const STOP_SIGNAL: &str = "SIGTERM";
+    pub const STOP_TIMEOUT: &str = "5s";
+    pub const STOP_TIMEOUT_MS: u64 = 5_000;
+}
+
+/// One problem found in a manifest, with its position (1-based, column in characters) when known.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
     pub line: Option<usize>,
@@ -37,15 +95,15 @@ impl fmt::Display for Problem {
     }
 }
 
-/// The manifest could not be accepted; every problem found is listed.
+/// The manifest could not be accepted; every problem found is listed, in file order.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file} is invalid: {}", render(problems))]
+#[error("{file} is invalid: {}", render_problems(problems))]
 pub struct ManifestError {
     pub file: String,
     pub problems: Vec<Problem>,
 }
 
-fn render(problems: &[Problem]) -> String {
+fn render_problems(problems: &[Problem]) -> String {
     problems
         .iter()
         .map(ToString::to_string)
@@ -70,349 +128,63 @@ impl ManifestError {
     }
 }
 
-/// `kiln.toml` as written (raw, with spans for validation messages).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawManifest {
-    app: Spanned<String>,
-    #[serde(default)]
-    image: Option<String>,
-    #[serde(default)]
-    primary_region: Option<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    #[serde(default)]
-    services: Vec<RawService>,
-    #[serde(default)]
-    vm: Option<RawVm>,
-    #[serde(default)]
-    scale: Option<RawScale>,
-    #[serde(default)]
-    deploy: Option<RawDeploy>,
-    #[serde(default)]
-    stop_signal: Option<Spanned<String>>,
-    #[serde(default)]
-    stop_timeout: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    protocol: ServiceProtocol,
-    internal_port: Spanned<i64>,
-    #[serde(default)]
-    proxy_protocol: bool,
-    #[serde(default)]
-    hostnames: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawVm {
-    #[serde(default)]
-    cpus: Option<Spanned<i64>>,
-    #[serde(default)]
-    memory_mib: Option<Spanned<i64>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawScale {
-    #[serde(default)]
-    count: Option<Spanned<i64>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDeploy {
-    #[serde(default)]
-    health_timeout: Option<Spanned<String>>,
-}
-
-/// A validated manifest with every default applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub app: AppName,
-    pub image: Option<String>,
-    pub primary_region: String,
-    pub env: BTreeMap<String, String>,
-    pub services: Vec<Service>,
-    pub vm: Vm,
-    pub scale: Scale,
-    pub deploy: Deploy,
-    pub stop_signal: String,
-    pub stop_timeout_ms: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Service {
-    pub protocol: ServiceProtocol,
-    pub internal_port: u16,
-    pub proxy_protocol: bool,
-    pub hostnames: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Vm {
-    pub cpus: u32,
-    pub memory: MiB,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Scale {
-    pub count: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Deploy {
-    pub health_timeout_ms: u64,
-}
-
-/// Defaults, documented in docs/specs/manifest/manifest-schema.md.
-pub mod defaults {
-    pub const PRIMARY_REGION: &str = "local";
-    pub const CPUS: u32 = 1;
-    pub const MEMORY_MIB: u64 = 256;
-    pub const COUNT: u32 = 1;
-    pub const HEALTH_TIMEOUT_MS: u64 = 60_000;
-    pub const STOP_SIGNAL: &str = "SIGTERM";
-    pub const STOP_TIMEOUT_MS: u64 = 5_000;
-}
-
-const STOP_SIGNALS: &[&str] = &[
-    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL",
-];
-
-/// Converts byte offsets to 1-based (line, column).
-struct Positions<'a>(&'a str);
-
-impl Positions<'_> {
-    fn at(&self, offset: usize) -> (usize, usize) {
-        let upto = &self.0[..offset.min(self.0.len())];
-        let line = upto.matches('\n').count() + 1;
-        let col = upto.rfind('\n').map_or(upto.len(), |i| upto.len() - i - 1) + 1;
-        (line, col)
-    }
-}
-
-struct Collector<'a> {
-    pos: Positions<'a>,
-    problems: Vec<Problem>,
-}
-
-impl Collector<'_> {
-    fn at(&mut self, span: std::ops::Range<usize>, message: String) {
-        let (l, c) = self.pos.at(span.start);
-        self.problems.push(Problem {
-            line: Some(l),
-            column: Some(c),
-            message,
-        });
-    }
-}
-
-/// Parses a duration like `500ms`, `30s`, `5m` or `1h`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n.checked_mul(1_000)?,
-        "m" => n.checked_mul(60_000)?,
-        "h" => n.checked_mul(3_600_000)?,
-        _ => return None,
-    };
-    Some(Duration::from_millis(ms))
-}
-
 /// Parses and validates `source` (the text of `file`). Every problem is reported at once.
 pub fn parse(file: &str, source: &str) -> Result<Manifest, ManifestError> {
     let fail = |problems| ManifestError {
         file: file.to_owned(),
         problems,
     };
-    let raw: RawManifest = match toml::from_str(source) {
-        Ok(r) => r,
-        Err(e) => {
-            // Syntax and shape errors stop deserialization at the first one: report it precisely.
-            let (line, column) = match e.span() {
-                Some(span) => {
-                    let (l, c) = Positions(source).at(span.start);
-                    (Some(l), Some(c))
-                }
-                None => (None, None),
-            };
-            let message = e.message().trim().to_owned();
-            return Err(fail(vec![Problem {
-                line,
-                column,
-                message,
-            }]));
+    if source.len() > MAX_SOURCE_BYTES {
+        return Err(fail(vec![Problem {
+            line: None,
+            column: None,
+            message: format!(
+                "the file is {} bytes; a manifest is at most {MAX_SOURCE_BYTES}",
+                source.len()
+            ),
+        }]));
+    }
+    let at = |span: Option<std::ops::Range<usize>>, message: String| {
+        let (line, column) = match span {
+            Some(s) => {
+                let (l, c) = text::position(source, s.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        Problem {
+            line,
+            column,
+            message,
         }
     };
-    let mut c = Collector {
-        pos: Positions(source),
+    let (root, syntax) = toml::de::DeTable::parse_recoverable(source);
+    if !syntax.is_empty() {
+        // The tree after a syntax error is a guess; checking it would report problems that are
+        // not in the file. Syntax errors alone, all of them.
+        let mut problems: Vec<Problem> = syntax
+            .iter()
+            .map(|e| at(e.span(), format!("invalid TOML: {}", e.message().trim())))
+            .collect();
+        problems.sort_by_key(|p| (p.line, p.column));
+        problems.dedup();
+        return Err(fail(problems));
+    }
+    let mut cx = validate::Cx {
         problems: Vec::new(),
     };
-
-    let app = match raw.app.get_ref().parse::<AppName>() {
-        Ok(a) => Some(a),
-        Err(e) => {
-            c.at(raw.app.span(), format!("`app`: {e}"));
-            None
+    match validate::manifest(&mut cx, root.get_ref()) {
+        Some(m) if cx.problems.is_empty() => Ok(m),
+        _ => {
+            cx.problems.sort_by_key(|(span, _)| span.start);
+            let mut problems: Vec<Problem> = cx
+                .problems
+                .into_iter()
+                .map(|(span, msg)| at(Some(span), msg))
+                .collect();
+            problems.dedup();
+            Err(fail(problems))
         }
-    };
-
-    let mut services = Vec::new();
-    for (i, s) in raw.services.iter().enumerate() {
-        let port = *s.internal_port.get_ref();
-        if !(1..=65535).contains(&port) {
-            c.at(
-                s.internal_port.span(),
-                format!(
-                    "`services[{i}].internal_port` must be a port between 1 and 65535, got {port}"
-                ),
-            );
-            continue;
-        }
-        for h in &s.hostnames {
-            if h.split('.').any(|l| {
-                kiln_types::name::check_dns_label(l, 63).is_err()
-                    && !l.chars().all(|c| c.is_ascii_digit())
-            }) {
-                c.problems.push(Problem {
-                    line: None,
-                    column: None,
-                    message: format!("`services[{i}].hostnames`: {h:?} is not a valid DNS name"),
-                });
-            }
-        }
-        services.push(Service {
-            protocol: s.protocol,
-            internal_port: port as u16,
-            proxy_protocol: s.proxy_protocol,
-            hostnames: s.hostnames.clone(),
-        });
-    }
-
-    let mut vm = Vm {
-        cpus: defaults::CPUS,
-        memory: MiB(defaults::MEMORY_MIB),
-    };
-    if let Some(raw_vm) = &raw.vm {
-        if let Some(cpus) = &raw_vm.cpus {
-            match u32::try_from(*cpus.get_ref()) {
-                Ok(n @ 1..=64) => vm.cpus = n,
-                _ => c.at(
-                    cpus.span(),
-                    format!("`vm.cpus` must be between 1 and 64, got {}", cpus.get_ref()),
-                ),
-            }
-        }
-        if let Some(mem) = &raw_vm.memory_mib {
-            let m = *mem.get_ref();
-            if m < MEMORY_UNIT_MIB as i64 || m % MEMORY_UNIT_MIB as i64 != 0 || m > 256 * 1024 {
-                c.at(
-                    mem.span(),
-                    format!(
-                        "`vm.memory_mib` must be a multiple of {MEMORY_UNIT_MIB} between {MEMORY_UNIT_MIB} and 262144, got {m}"
-                    ),
-                );
-            } else {
-                vm.memory = MiB(m as u64);
-            }
-        }
-    }
-
-    let mut scale = Scale {
-        count: defaults::COUNT,
-    };
-    if let Some(count) = raw.scale.as_ref().and_then(|s| s.count.as_ref()) {
-        match u32::try_from(*count.get_ref()) {
-            Ok(n) if n <= MAX_COUNT => scale.count = n,
-            _ => c.at(
-                count.span(),
-                format!(
-                    "`scale.count` must be between 0 and {MAX_COUNT}, got {}",
-                    count.get_ref()
-                ),
-            ),
-        }
-    }
-
-    let mut deploy = Deploy {
-        health_timeout_ms: defaults::HEALTH_TIMEOUT_MS,
-    };
-    if let Some(t) = raw.deploy.as_ref().and_then(|d| d.health_timeout.as_ref()) {
-        match parse_duration(t.get_ref()) {
-            Some(d) if !d.is_zero() => deploy.health_timeout_ms = d.as_millis() as u64,
-            _ => c.at(
-                t.span(),
-                format!(
-                    "`deploy.health_timeout`: {:?} is not a duration like \"30s\" or \"2m\"",
-                    t.get_ref()
-                ),
-            ),
-        }
-    }
-
-    let mut stop_signal = defaults::STOP_SIGNAL.to_owned();
-    if let Some(sig) = &raw.stop_signal {
-        if STOP_SIGNALS.contains(&sig.get_ref().as_str()) {
-            stop_signal = sig.get_ref().clone();
-        } else {
-            c.at(
-                sig.span(),
-                format!(
-                    "`stop_signal` must be one of {}, got {:?}",
-                    STOP_SIGNALS.join(", "),
-                    sig.get_ref()
-                ),
-            );
-        }
-    }
-    let mut stop_timeout_ms = defaults::STOP_TIMEOUT_MS;
-    if let Some(t) = &raw.stop_timeout {
-        match parse_duration(t.get_ref()) {
-            Some(d) => stop_timeout_ms = d.as_millis() as u64,
-            None => c.at(
-                t.span(),
-                format!(
-                    "`stop_timeout`: {:?} is not a duration like \"10s\"",
-                    t.get_ref()
-                ),
-            ),
-        }
-    }
-
-    for key in raw.env.keys() {
-        if key.is_empty() || key.contains('=') || key.contains('\0') {
-            c.problems.push(Problem {
-                line: None,
-                column: None,
-                message: format!("`env`: {key:?} is not a valid variable name"),
-            });
-        }
-    }
-
-    match app {
-        Some(app) if c.problems.is_empty() => Ok(Manifest {
-            app,
-            image: raw.image,
-            primary_region: raw
-                .primary_region
-                .unwrap_or_else(|| defaults::PRIMARY_REGION.to_owned()),
-            env: raw.env,
-            services,
-            vm,
-            scale,
-            deploy,
-            stop_signal,
-            stop_timeout_ms,
-        }),
-        _ => Err(fail(c.problems)),
     }
 }
 
@@ -420,69 +192,16 @@ pub fn parse(file: &str, source: &str) -> Result<Manifest, ManifestError> {
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
-app = "hello-tls"
-image = "127.0.0.1:5000/hello-tls:v1"
-
-[env]
-GREETING = "hi"
-
-[[services]]
-protocol = "tls"
-internal_port = 8443
-proxy_protocol = true
-
-[vm]
-memory_mib = 128
-"#;
-
     #[test]
-    fn parses_with_defaults() {
-        let m = parse("kiln.toml", GOOD).unwrap();
-        assert_eq!(m.app.as_str(), "hello-tls");
-        assert_eq!(m.services[0].internal_port, 8443);
-        assert!(m.services[0].proxy_protocol);
-        assert_eq!(m.vm.memory, MiB(128));
-        assert_eq!(m.vm.cpus, defaults::CPUS);
-        assert_eq!(m.scale.count, 1);
-        assert_eq!(m.stop_signal, "SIGTERM");
-    }
-
-    #[test]
-    fn unknown_key_names_line_and_column() {
-        let src = "app = \"x\"\n\n[[services]]\nprotocol = \"tls\"\ninternal_prot = 8443\n";
-        let e = parse("kiln.toml", src).unwrap_err();
-        assert_eq!(e.problems.len(), 1);
-        assert_eq!(e.problems[0].line, Some(5));
-        assert!(
-            e.problems[0].message.contains("internal_prot"),
-            "{}",
-            e.problems[0].message
-        );
-        assert!(e.report().starts_with("kiln.toml:5:1:"), "{}", e.report());
-    }
-
-    #[test]
-    fn every_value_problem_is_reported_at_once() {
-        let src = "app = \"Bad_Name\"\n[[services]]\nprotocol = \"tcp\"\ninternal_port = 70000\n[vm]\nmemory_mib = 100\n";
-        let e = parse("kiln.toml", src).unwrap_err();
-        let lines: Vec<_> = e.problems.iter().map(|p| p.line).collect();
-        assert_eq!(lines, vec![Some(1), Some(4), Some(6)], "{}", e.report());
-    }
-
-    #[test]
-    fn syntax_error_has_position() {
-        let e = parse("kiln.toml", "app = \"x\"\nthis is not toml\n").unwrap_err();
-        assert_eq!(e.problems[0].line, Some(2));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("2"), None);
-        assert_eq!(parse_duration("s"), None);
-        assert_eq!(parse_duration("1d"), None);
+    fn string_defaults_agree_with_their_numbers() {
+        use defaults as d;
+        let ms = |s: &str| parse_duration(s).map(|d| d.as_millis() as u64);
+        assert_eq!(ms(d::HEALTH_TIMEOUT), Some(d::HEALTH_TIMEOUT_MS));
+        assert_eq!(ms(d::STOP_TIMEOUT), Some(d::STOP_TIMEOUT_MS));
+        assert_eq!(ms(d::CHECK_INTERVAL), Some(d::CHECK_INTERVAL_MS));
+        assert_eq!(ms(d::CHECK_TIMEOUT), Some(d::CHECK_TIMEOUT_MS));
+        assert_eq!(ms(d::CHECK_GRACE_PERIOD), Some(d::CHECK_GRACE_PERIOD_MS));
+        assert_eq!(parse_size_mib(d::VOLUME_SIZE), Some(d::VOLUME_SIZE_MIB));
+        assert_eq!(d::MEMORY_MIB % MEMORY_UNIT_MIB, 0);
     }
 }

@@ -55,6 +55,25 @@ fn status_json(cli: &Cli) -> Result<serde_json::Value> {
     ])?)?)
 }
 
+/// Checks the host has no trace of instance `id` left.
+fn leaves_nothing_behind(data: &Path, id: &str) -> Result<()> {
+    let suffix = id.trim_start_matches("ins_");
+    let netns = String::from_utf8(Command::new("ip").args(["netns", "list"]).output()?.stdout)?;
+    ensure!(!netns.contains(suffix), "network namespace left: {netns}");
+    let links = String::from_utf8(Command::new("ip").args(["-o", "link"]).output()?.stdout)?;
+    ensure!(!links.contains(&format!("kv{}", &suffix[..13])), "veth left: {links}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    ensure!(!mounts.contains(id), "mount left: {mounts}");
+    ensure!(!data.join("instances").join(id).exists(), "state directory left");
+    let runc = Command::new("runc").arg("--root").arg(data.join("runc")).args(["state", id]).output()?;
+    ensure!(!runc.status.success(), "runc still knows the container");
+    for controller in ["memory", "cpu", "pids"] {
+        let cg = Path::new("/sys/fs/cgroup").join(controller).join("kiln").join(id);
+        ensure!(!cg.exists(), "cgroup left: {}", cg.display());
+    }
+    Ok(())
+}
+
 struct Cleanup<'a>(&'a Path);
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
@@ -197,6 +216,8 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
         out
     );
 
+    let v1_instance = status_json(&cli)?["instances"][0]["id"].as_str().context("v1 instance")?.to_owned();
+
     // A changed image serves the new answer.
     let out = cli.ok(&[
         "deploy",
@@ -220,6 +241,19 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
         live.len() == 1 && live[0]["release_version"] == 2,
         "only v2 runs: {st}"
     );
+
+    // The replaced instance leaves nothing behind: no container, mount, namespace, veth, cgroup or file.
+    let mut gone = false;
+    for _ in 0..100 {
+        let st = status_json(&cli)?;
+        if !st["instances"].as_array().unwrap().iter().any(|i| i["id"] == v1_instance.as_str()) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    ensure!(gone, "v1's instance reached stopped");
+    leaves_nothing_behind(&data, &v1_instance)?;
 
     // A broken kiln.toml fails with line and problem, and v2 keeps serving.
     std::fs::write(
