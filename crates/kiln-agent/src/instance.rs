@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use kiln_types::guest::RunConfig;
@@ -22,7 +21,6 @@ use crate::{error_chain, netlink, Agent, AgentError};
 
 /// Checks run at this pace until the instance first turns healthy, so deploys finish quickly.
 const STARTUP_CHECK_INTERVAL: Duration = Duration::from_millis(50);
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) struct Instance {
     pub id: InstanceId,
@@ -98,6 +96,8 @@ impl Instance {
         );
         let mut stop_rx = self.stop_tx.subscribe();
         let mut last: Option<InstanceState> = None;
+        let mut checks = crate::health::Checks::new(&self.spec);
+        let mut starting_reason: Option<String> = None;
         loop {
             if *stop_rx.borrow_and_update() {
                 break;
@@ -111,7 +111,10 @@ impl Instance {
                 agent.report(&id, InstanceState::Failed, Some(reason)).await;
                 return;
             }
-            let state = if self.healthy().await {
+            let failure = checks
+                .evaluate(&self.spec, &self.guest, last.is_none())
+                .await;
+            let state = if failure.is_none() {
                 InstanceState::Healthy
             } else {
                 InstanceState::Unhealthy
@@ -123,13 +126,23 @@ impl Instance {
                 _ => None,
             };
             if let Some(s) = report {
-                agent.report(&id, s, None).await;
+                agent.report(&id, s, failure).await;
                 last = Some(s);
+            } else if last.is_none() && failure != starting_reason {
+                // Still starting: say which check holds it back (reported on change only).
+                agent
+                    .report(&id, InstanceState::Starting, failure.clone())
+                    .await;
+                starting_reason = failure;
             }
+            // Checks keep their own intervals; liveness is looked at no less often than
+            // `health_interval`.
             let pause = if last.is_none() {
                 STARTUP_CHECK_INTERVAL
             } else {
-                agent.config.health_interval
+                checks
+                    .next_due()
+                    .clamp(STARTUP_CHECK_INTERVAL, agent.config.health_interval)
             };
             tokio::select! {
                 _ = stop_rx.changed() => {}
@@ -221,18 +234,6 @@ impl Instance {
             .runc
             .run(self.id.as_str(), &self.dir, &self.dir.join("log"))
             .await
-    }
-
-    /// All services accept TCP connections on the instance's address.
-    async fn healthy(&self) -> bool {
-        for svc in &self.spec.services {
-            let addr = std::net::SocketAddr::new(self.spec.network.ipv6.into(), svc.internal_port);
-            match tokio::time::timeout(CHECK_TIMEOUT, TcpStream::connect(addr)).await {
-                Ok(Ok(_)) => {}
-                _ => return false,
-            }
-        }
-        true
     }
 
     async fn exit_reason(&self) -> String {

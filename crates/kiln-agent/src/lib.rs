@@ -13,6 +13,7 @@
 mod error;
 mod exec;
 mod guest;
+mod health;
 mod image;
 mod instance;
 mod logs;
@@ -33,8 +34,12 @@ use kiln_types::{HostId, InstanceId, InstanceState, MiB, MilliCpu};
 
 /// WorkloadSpec capabilities (`kiln_types::workload::capability`) this agent can apply. A spec
 /// that requires anything else is reported failed with the reason, before anything is applied.
-/// The runc driver runs the 1.0 baseline only: no volumes, secrets file, HTTP or exec checks.
-const SUPPORTED_CAPABILITIES: &[&str] = &[];
+/// The runc driver runs HTTP and exec checks besides the 1.0 baseline; not yet volumes, the
+/// secrets file, kernel choice or performance CPUs.
+const SUPPORTED_CAPABILITIES: &[&str] = &[
+    kiln_types::workload::capability::CHECK_HTTP,
+    kiln_types::workload::capability::CHECK_EXEC,
+];
 
 pub use error::AgentError;
 

@@ -272,12 +272,18 @@ impl Plan<'_> {
                 .iter()
                 .filter(|i| i.state == InstanceState::Healthy)
                 .count();
+            // The agent records why a starting instance is not healthy yet (a failing check).
+            let why = live
+                .iter()
+                .find(|i| i.state != InstanceState::Healthy && i.reason.is_some())
+                .map(|i| format!("; instance {}: {}", i.id, i.reason.as_deref().unwrap_or("")))
+                .unwrap_or_default();
             self.release_state(
                 app_id,
                 rel,
                 ReleaseState::Failed,
                 Some(format!(
-                    "{healthy} of {} instance(s) healthy after {}s (deploy.health_timeout)",
+                    "{healthy} of {} instance(s) healthy after {}s (deploy.health_timeout){why}",
                     manifest.total_count(),
                     manifest.deploy.health_timeout_ms / 1000
                 )),

@@ -14,7 +14,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kiln_types::frame::{ExitStatus, Frame, FrameReader, PROTOCOL_VERSION};
+use kiln_types::frame::{Frame, FrameReader, PROTOCOL_VERSION};
 use kiln_types::guest::RunConfig;
 
 use crate::exec::Session;
@@ -88,14 +88,6 @@ impl Shared {
         let until = Instant::now() + timeout;
         while !lock(&self.backlog).frames.is_empty() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Routes an exec child's exit status to its session.
-    pub fn child_exited(&self, pid: libc::pid_t, status: ExitStatus) {
-        let session = lock(&self.sessions).remove(&pid);
-        if let Some(s) = session {
-            s.exited(self, status);
         }
     }
 

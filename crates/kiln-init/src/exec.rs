@@ -155,7 +155,10 @@ pub(crate) fn start(shared: &Arc<Shared>, stream: u32, start: ExecStart) {
     if let Err(e) = try_start(shared, stream, &start) {
         shared.send(&Frame::Error {
             stream,
-            message: format!("cannot start {:?}: {e}", start.argv.first()),
+            message: format!(
+                "cannot start {:?}: {e}",
+                start.argv.first().map_or("", String::as_str)
+            ),
         });
         shared.send(&Frame::Exit {
             stream,
@@ -213,8 +216,9 @@ fn try_start(shared: &Arc<Shared>, stream: u32, start: &ExecStart) -> std::io::R
         None
     };
 
-    // Held across spawn: a command that exits at once is reaped by the main loop, which then
-    // waits here until its session is registered.
+    // Held across spawn: the main loop reaps only with this lock, so it neither reaps a child
+    // whose exec failed before std's spawn waits for it, nor a quick exit before its session is
+    // registered.
     let mut sessions = lock(&shared.sessions);
     let mut child = cmd.spawn()?;
     drop(cmd); // closes our copies of the PTY slave

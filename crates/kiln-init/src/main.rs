@@ -233,32 +233,44 @@ fn run(config: RunConfig) -> i32 {
 }
 
 /// Reaps every exited child; returns the app's status when the app itself exited.
+///
+/// Reaping happens with the exec sessions' lock held: an exec spawn holds that lock from fork
+/// until its pid is registered, and std's `spawn` itself waits for a child whose `exec` failed, so
+/// reaping during a spawn would steal that child from std (and lose the session's exit).
 fn reap(app: libc::pid_t, shared: &channel::Shared) -> Option<ExitStatus> {
     let mut result = None;
-    loop {
-        let mut raw = 0;
-        // SAFETY: raw is a valid out pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
-        if pid <= 0 {
-            return result;
-        }
-        let status = if libc::WIFEXITED(raw) {
-            ExitStatus {
-                code: Some(libc::WEXITSTATUS(raw)),
-                signal: None,
+    let mut finished = Vec::new();
+    {
+        let mut sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let mut raw = 0;
+            // SAFETY: raw is a valid out pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
             }
-        } else if libc::WIFSIGNALED(raw) {
-            ExitStatus {
-                code: None,
-                signal: Some(libc::WTERMSIG(raw)),
+            let status = if libc::WIFEXITED(raw) {
+                ExitStatus {
+                    code: Some(libc::WEXITSTATUS(raw)),
+                    signal: None,
+                }
+            } else if libc::WIFSIGNALED(raw) {
+                ExitStatus {
+                    code: None,
+                    signal: Some(libc::WTERMSIG(raw)),
+                }
+            } else {
+                continue;
+            };
+            if pid == app {
+                result = Some(status);
+            } else if let Some(session) = sessions.remove(&pid) {
+                finished.push((session, status));
             }
-        } else {
-            continue;
-        };
-        if pid == app {
-            result = Some(status);
-        } else {
-            shared.child_exited(pid, status);
         }
     }
+    for (session, status) in finished {
+        session.exited(shared, status);
+    }
+    result
 }

@@ -23,6 +23,15 @@ protocol = "tls"
 internal_port = 8443
 proxy_protocol = true
 
+[[services.checks]]
+kind = "tcp"
+interval = "2s"
+
+[[services.checks]]
+kind = "exec"
+command = ["/bin/busybox", "true"]
+interval = "2s"
+
 [vm]
 memory_mib = 128
 "#;
@@ -61,14 +70,27 @@ fn leaves_nothing_behind(data: &Path, id: &str) -> Result<()> {
     let netns = String::from_utf8(Command::new("ip").args(["netns", "list"]).output()?.stdout)?;
     ensure!(!netns.contains(suffix), "network namespace left: {netns}");
     let links = String::from_utf8(Command::new("ip").args(["-o", "link"]).output()?.stdout)?;
-    ensure!(!links.contains(&format!("kv{}", &suffix[..13])), "veth left: {links}");
+    ensure!(
+        !links.contains(&format!("kv{}", &suffix[..13])),
+        "veth left: {links}"
+    );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
     ensure!(!mounts.contains(id), "mount left: {mounts}");
-    ensure!(!data.join("instances").join(id).exists(), "state directory left");
-    let runc = Command::new("runc").arg("--root").arg(data.join("runc")).args(["state", id]).output()?;
+    ensure!(
+        !data.join("instances").join(id).exists(),
+        "state directory left"
+    );
+    let runc = Command::new("runc")
+        .arg("--root")
+        .arg(data.join("runc"))
+        .args(["state", id])
+        .output()?;
     ensure!(!runc.status.success(), "runc still knows the container");
     for controller in ["memory", "cpu", "pids"] {
-        let cg = Path::new("/sys/fs/cgroup").join(controller).join("kiln").join(id);
+        let cg = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join("kiln")
+            .join(id);
         ensure!(!cg.exists(), "cgroup left: {}", cg.display());
     }
     Ok(())
@@ -95,7 +117,10 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
         .symlink("/bin/sh", "busybox")
         .build()?;
     let v1_digest = v1.push(&registry.host(), "hello-tls", "v1").await?;
-    let v2 = kiln_testkit::example::hello_tls_image(&hello, "howdy")?.build()?;
+    let v2 = kiln_testkit::example::hello_tls_image(&hello, "howdy")?
+        .file("/bin/busybox", std::fs::read("/bin/busybox")?, 0o755)
+        .symlink("/bin/sh", "busybox")
+        .build()?;
     v2.push(&registry.host(), "hello-tls", "v2").await?;
 
     let data = tmp.path().join("data");
@@ -216,7 +241,10 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
         out
     );
 
-    let v1_instance = status_json(&cli)?["instances"][0]["id"].as_str().context("v1 instance")?.to_owned();
+    let v1_instance = status_json(&cli)?["instances"][0]["id"]
+        .as_str()
+        .context("v1 instance")?
+        .to_owned();
 
     // A changed image serves the new answer.
     let out = cli.ok(&[
@@ -246,7 +274,12 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
     let mut gone = false;
     for _ in 0..100 {
         let st = status_json(&cli)?;
-        if !st["instances"].as_array().unwrap().iter().any(|i| i["id"] == v1_instance.as_str()) {
+        if !st["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == v1_instance.as_str())
+        {
             gone = true;
             break;
         }
@@ -285,6 +318,39 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
     ensure!(
         status_json(&cli)?["releases"].as_array().unwrap().len() == 2,
         "no release was created"
+    );
+
+    // A release whose health check fails does not replace the serving one, and says why.
+    std::fs::write(
+        tmp.path().join("failing.toml"),
+        MANIFEST.replace(
+            r#"["/bin/busybox", "true"]"#,
+            r#"["/bin/busybox", "false"]"#,
+        ) + "\n[deploy]\nhealth_timeout = \"3s\"\n",
+    )?;
+    let out = cli.run(&[
+        "deploy",
+        "-c",
+        "failing.toml",
+        "--image",
+        &format!("{}/hello-tls:v1", registry.host()),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(6),
+        "a failing check fails the deploy: {:?} {stderr}",
+        out.status.code()
+    );
+    ensure!(
+        stderr.contains("exec check")
+            && stderr.contains("exited with 1")
+            && stderr.contains("v2 keeps serving"),
+        "{stderr}"
+    );
+    let (code, body, _) = curl(v4, "hello-tls.kiln.test");
+    ensure!(
+        code == 0 && body.starts_with("howdy from"),
+        "v2 still serves: {body}"
     );
 
     // An unknown SNI is refused with a TLS alert.

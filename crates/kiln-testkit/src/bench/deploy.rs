@@ -63,33 +63,67 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-pub async fn run() -> Result<()> {
-    let bins: Binaries = build_binaries()?;
-    let tmp = tempfile::tempdir()?;
-    let registry = Registry::start(&tmp.path().join("registry")).await?;
-    let hello = crate::build_hello_tls()?;
-    let image = crate::hello_tls_image(&hello, "hello")?.build()?;
-    let digest = image.push(&registry.host(), "bench", "v1").await?;
-    let image_ref = format!("{}/bench@{digest}", registry.host());
-    let image_mib = image.layers.iter().map(|l| l.blob.len()).sum::<usize>() as f64 / 1048576.0;
+/// Figures of one image's runs.
+struct Figures {
+    image_mib: f64,
+    cold: Vec<Duration>,
+    warm: Vec<Duration>,
+    idle_kib: u64,
+}
 
+/// Working set of an instance's cgroup (usage minus inactive page cache), as `docker stats` counts.
+fn working_set_kib(data: &std::path::Path) -> Result<u64> {
+    let id = std::fs::read_dir(data.join("instances"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .context("a running instance")?;
+    let cg = std::path::Path::new("/sys/fs/cgroup/memory/kiln").join(&id);
+    let usage: u64 = std::fs::read_to_string(cg.join("memory.usage_in_bytes"))?
+        .trim()
+        .parse()?;
+    let stat = std::fs::read_to_string(cg.join("memory.stat"))?;
+    let inactive: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("total_inactive_file "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Ok(usage.saturating_sub(inactive) / 1024)
+}
+
+async fn measure(
+    bins: &Binaries,
+    root: &std::path::Path,
+    name: &str,
+    image_ref: &str,
+    image_mib: f64,
+) -> Result<Figures> {
     const COLD_RUNS: usize = 3;
     const WARM_RUNS: usize = 5;
-    let mut cold = Vec::new();
-    let mut warm = Vec::new();
+    let mut f = Figures {
+        image_mib,
+        cold: Vec::new(),
+        warm: Vec::new(),
+        idle_kib: 0,
+    };
     for run in 0..COLD_RUNS {
-        let dir = tmp.path().join(format!("run{run}"));
+        let dir = root.join(format!("{name}-run{run}"));
         std::fs::create_dir_all(&dir)?;
         let data = dir.join("data");
         let result = async {
-            let dev = DevProcess::start(&bins, &data)?;
-            let cli = Cli::new(&bins, &dir);
+            let dev = DevProcess::start(bins, &data)?;
+            let cli = Cli::new(bins, &dir);
             connect(&cli, &dev)?;
-            cold.push(timed_deploy(&cli, &dev, &image_ref, &format!("cold{run}")).await?);
+            f.cold
+                .push(timed_deploy(&cli, &dev, image_ref, &format!("cold{run}")).await?);
             if run == 0 {
                 for w in 0..WARM_RUNS {
-                    warm.push(timed_deploy(&cli, &dev, &image_ref, &format!("warm{w}")).await?);
+                    f.warm
+                        .push(timed_deploy(&cli, &dev, image_ref, &format!("warm{w}")).await?);
                 }
+                // Let the last deploy's old instance stop and the new one settle, then measure it idle.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                f.idle_kib = working_set_kib(&data)?;
             }
             anyhow::Ok(())
         }
@@ -97,25 +131,69 @@ pub async fn run() -> Result<()> {
         cleanup_instances(&data);
         result?;
     }
+    Ok(f)
+}
+
+pub async fn run() -> Result<()> {
+    let bins: Binaries = build_binaries()?;
+    let tmp = tempfile::tempdir()?;
+    let registry = Registry::start(&tmp.path().join("registry")).await?;
+    let hello = crate::build_hello_tls()?;
+    let mib = |img: &crate::BuiltImage| {
+        img.layers.iter().map(|l| l.blob.len()).sum::<usize>() as f64 / 1048576.0
+    };
+
+    let small = crate::hello_tls_image(&hello, "hello")?.build()?;
+    let small_ref = format!(
+        "{}/bench@{}",
+        registry.host(),
+        small.push(&registry.host(), "bench", "small").await?
+    );
+    // About 100 MB of incompressible data in a second layer: what a real app image pulls.
+    let mut filler = vec![0u8; 100 * 1024 * 1024];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for chunk in filler.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let large = crate::hello_tls_image(&hello, "hello")?
+        .new_layer()
+        .file("/data/filler", filler, 0o644)
+        .build()?;
+    let large_ref = format!(
+        "{}/bench@{}",
+        registry.host(),
+        large.push(&registry.host(), "bench", "large").await?
+    );
+
+    let small_f = measure(&bins, tmp.path(), "small", &small_ref, mib(&small)).await?;
+    let large_f = measure(&bins, tmp.path(), "large", &large_ref, mib(&large)).await?;
+
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let runs = |v: &[Duration]| v.iter().map(|d| ms(*d).round()).collect::<Vec<_>>();
     println!(
-        "deploy benchmark: image {image_mib:.1} MiB compressed, driver runc, profile {}",
-        if crate::dev::release() {
-            "release"
-        } else {
-            "debug"
-        }
+        "deploy benchmark: driver runc, profile {}; cold = empty cache: pull + unpack + start + healthy + routed; warm = cached image, new release to serving",
+        if crate::dev::release() { "release" } else { "debug" }
     );
+    for (name, f) in [("small", &small_f), ("large", &large_f)] {
+        println!(
+            "  {name} image {:.1} MiB compressed: cold {:?} ms, warm {:?} ms, idle instance working set {} KiB",
+            f.image_mib,
+            runs(&f.cold),
+            runs(&f.warm),
+            f.idle_kib
+        );
+    }
+    println!("cold_deploy_ms={:.0}", ms(median(small_f.cold.clone())));
+    println!("warm_deploy_ms={:.0}", ms(median(small_f.warm.clone())));
     println!(
-        "  cold (empty cache: pull + unpack + start + healthy + routed), {COLD_RUNS} runs: {:?} ms",
-        cold.iter().map(|d| ms(*d).round()).collect::<Vec<_>>()
+        "driver=runc image_mib={:.0} cold_deploy_ms={:.0} warm_deploy_ms={:.0} idle_instance_kib={}",
+        large_f.image_mib,
+        ms(median(large_f.cold)),
+        ms(median(large_f.warm)),
+        large_f.idle_kib
     );
-    println!(
-        "  warm (cached image: new release to serving), {WARM_RUNS} runs: {:?} ms",
-        warm.iter().map(|d| ms(*d).round()).collect::<Vec<_>>()
-    );
-    println!("driver=runc");
-    println!("cold_deploy_ms={:.0}", ms(median(cold)));
-    println!("warm_deploy_ms={:.0}", ms(median(warm)));
     Ok(())
 }
