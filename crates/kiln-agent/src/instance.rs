@@ -157,7 +157,6 @@ impl Instance {
     }
 
     async fn start(&self, agent: &Agent) -> Result<(), AgentError> {
-        let image = agent.images.prepare(&self.spec.image).await?;
         let ferr = |path: &Path| {
             let path = path.to_owned();
             let instance = self.id.clone();
@@ -178,6 +177,8 @@ impl Instance {
         )
         .await
         .map_err(ferr(&spec_path))?;
+        // After spec.json: from here on the image counts as in use for cache collection.
+        let image = agent.images.prepare(&self.spec.image).await?;
 
         let rootfs = self.dir.join("rootfs");
         let opts = format!(
@@ -295,6 +296,13 @@ impl Instance {
                 tracing::warn!(instance_id = %self.id, error = %e, "cannot remove instance directory");
             }
         }
+        agent
+            .images
+            .collect(
+                agent.config.image_cache_bytes,
+                &agent.config.data_dir.join("instances"),
+            )
+            .await;
     }
 }
 

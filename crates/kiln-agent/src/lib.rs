@@ -61,6 +61,9 @@ pub struct AgentConfig {
     pub plain_http_registries: Vec<String>,
     /// How often running instances are health-checked.
     pub health_interval: Duration,
+    /// Size budget of the image cache (unpacked trees + blobs); unused images beyond it are
+    /// evicted, least recently used first, whenever an instance is torn down.
+    pub image_cache_bytes: u64,
 }
 
 /// A running agent.

@@ -26,6 +26,10 @@ pub struct Cli {
 pub enum Role {
     /// Control plane, host agent and edge in one process, with the embedded SQLite store.
     Dev(DevArgs),
+    /// Edge proxy: routes from a static file (`--routes`) or from the control plane (`--api`).
+    Edge(EdgeArgs),
+    /// Control plane alone (API + reconciler), and operations on its store.
+    Control(ControlArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -55,6 +59,9 @@ pub struct DevArgs {
     /// Memory offered to instances, in MiB (default: 3/4 of the machine's).
     #[arg(long)]
     pub memory_mib: Option<u64>,
+    /// Size budget of the image cache in MiB; unused images beyond it are evicted.
+    #[arg(long, default_value_t = 10_240)]
+    pub image_cache_mib: u64,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -66,6 +73,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             drop(dev);
             Ok(())
         }
+        Role::Edge(args) => run_edge(args).await,
+        Role::Control(args) => run_control(args).await,
     }
 }
 
@@ -85,7 +94,11 @@ impl Drop for Dev {
 fn find_init(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         anyhow::ensure!(p.is_file(), "--init-binary {} does not exist", p.display());
-        anyhow::ensure!(is_static_elf(&p), "--init-binary {} is not a static executable", p.display());
+        anyhow::ensure!(
+            is_static_elf(&p),
+            "--init-binary {} is not a static executable",
+            p.display()
+        );
         return Ok(p);
     }
     let exe = std::env::current_exe().context("cannot locate the kilnd executable")?;
@@ -94,31 +107,55 @@ fn find_init(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     // The static build first: `target/debug/kiln-init` is the host build, dynamically linked,
     // and cannot run in an image without the host's libc.
     let candidates = [
-        dir.join("..").join("x86_64-unknown-linux-gnu").join(&profile).join("kiln-init"),
+        dir.join("..")
+            .join("x86_64-unknown-linux-gnu")
+            .join(&profile)
+            .join("kiln-init"),
         dir.join("kiln-init"),
     ];
-    candidates.iter().find(|p| p.is_file() && is_static_elf(p)).cloned().with_context(|| {
-        format!(
-            "no static kiln-init found (looked at {}); build it with ./scripts/build-static, \
+    candidates
+        .iter()
+        .find(|p| p.is_file() && is_static_elf(p))
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no static kiln-init found (looked at {}); build it with ./scripts/build-static, \
              or pass --init-binary",
-            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        )
-    })
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
 }
 
 /// An ELF64 executable with no PT_INTERP program header needs no dynamic loader.
 fn is_static_elf(path: &Path) -> bool {
     const PT_INTERP: u32 = 3;
-    let Ok(bytes) = std::fs::read(path) else { return false };
-    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
     let u64_at = |o: usize| {
-        bytes.get(o..o + 8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize)
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize)
     };
     if bytes.get(..5) != Some(b"\x7fELF\x02") {
         return false;
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
         return false;
     };
     (0..phnum).all(|i| u32_at(phoff + i * phentsize).is_some_and(|t| t != PT_INTERP))
@@ -224,6 +261,7 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
             memory: kiln_types::MiB(memory),
             plain_http_registries: args.plain_http_registries.clone(),
             health_interval: Duration::from_secs(2),
+            image_cache_bytes: args.image_cache_mib.saturating_mul(1024 * 1024),
         },
         client,
     )
@@ -258,4 +296,344 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
         bootstrap,
         tasks,
     })
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct EdgeArgs {
+    /// Static route table: JSON as served by `GET /v1/routes`, or TOML (`.toml`). Reloaded on
+    /// SIGHUP.
+    #[arg(long, conflicts_with = "api", required_unless_present = "api")]
+    pub routes: Option<PathBuf>,
+    /// Control plane URL whose route table to follow.
+    #[arg(long, requires = "token_file")]
+    pub api: Option<String>,
+    /// File holding the edge's token for `--api`.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Addresses where TLS is routed by SNI (repeat for several).
+    #[arg(long = "listen", default_values = ["127.0.0.1:8443", "[::1]:8443"])]
+    pub listen: Vec<SocketAddr>,
+    /// Listening sockets per address (`SO_REUSEPORT`); the kernel spreads connections over them.
+    #[arg(long, default_value_t = 1)]
+    pub listeners_per_address: usize,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`); none when absent.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Hostname whose route takes TLS connections without SNI (refused when absent).
+    #[arg(long)]
+    pub default_hostname: Option<String>,
+    /// Open connections per client IPv4 address or IPv6 /64 (0: no limit).
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections_per_ip: u32,
+    /// Seconds a client has to send its ClientHello.
+    #[arg(long, default_value_t = 10)]
+    pub hello_timeout_secs: u64,
+    /// Milliseconds a backend has to accept a connection.
+    #[arg(long, default_value_t = 3000)]
+    pub connect_timeout_ms: u64,
+    /// Seconds without a byte in either direction before a connection is closed.
+    #[arg(long, default_value_t = 3600)]
+    pub idle_timeout_secs: u64,
+    /// Milliseconds between active health checks of each backend (0: no active checks).
+    #[arg(long, default_value_t = 2000)]
+    pub health_interval_ms: u64,
+    /// Passing checks in a row that bring a backend back.
+    #[arg(long, default_value_t = 2)]
+    pub health_rise: u32,
+    /// Failing checks in a row that take a backend out.
+    #[arg(long, default_value_t = 3)]
+    pub health_fall: u32,
+    /// Seconds open connections get to finish after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+}
+
+/// Runs `kilnd edge` until SIGTERM or SIGINT, then drains.
+///
+/// Restart without dropping connections: start the new `kilnd edge` with the same listen
+/// addresses (every listener uses `SO_REUSEPORT`, so both processes accept for a moment), wait
+/// for its `ready` line, then send SIGTERM to the old one: it stops accepting, lets its open
+/// connections finish (up to `--drain-timeout-secs`) and exits.
+pub async fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let config = kiln_edge::EdgeConfig {
+        listen: args.listen.clone(),
+        listeners_per_address: args.listeners_per_address,
+        hello_timeout: Duration::from_secs(args.hello_timeout_secs),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        default_hostname: args.default_hostname.clone(),
+        max_connections_per_ip: args.max_connections_per_ip,
+        health: kiln_edge::HealthConfig {
+            interval: Duration::from_millis(args.health_interval_ms),
+            rise: args.health_rise,
+            fall: args.health_fall,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    if kiln_edge::listen::migrate_req_enabled() == Some(false) {
+        tracing::warn!(
+            "net.ipv4.tcp_migrate_req is 0: connections queued on this edge's listeners when it \
+             stops are reset instead of moving to its successor; set it to 1 for restarts without \
+             loss"
+        );
+    }
+    let edge = kiln_edge::Edge::new(config);
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(path) = &args.routes {
+        let table = kiln_edge::route_file::load(path)?;
+        tracing::info!(routes = table.routes.len(), ports = table.ports.len(), file = %path.display(), "route file loaded");
+        edge.set_table(table);
+    } else if let (Some(api), Some(token_file)) = (&args.api, &args.token_file) {
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("cannot read token file {}", token_file.display()))?;
+        let client = kiln_api::Client::new(api, token.trim())?;
+        tasks.spawn(edge.clone().follow(client));
+    }
+    let listeners = edge.bind().await?;
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let mut metrics_addr = None;
+    if let Some(addr) = args.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+        metrics_addr = Some(l.local_addr()?);
+        tasks.spawn(edge.clone().serve_metrics(l));
+    }
+    let serving = tokio::spawn(edge.clone().serve(listeners));
+
+    let mut unique = addrs.clone();
+    unique.dedup();
+    tracing::info!(listen = ?unique, metrics = ?metrics_addr, "kilnd edge is serving");
+    // Machine-readable lines on stdout: scripts and tests parse them.
+    println!(
+        "kilnd edge: listen {}",
+        unique
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    if let Some(m) = metrics_addr {
+        println!("kilnd edge: metrics http://{m}/metrics");
+    }
+    println!("kilnd edge: ready (pid {})", std::process::id());
+
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hangup.recv() => {
+                if let Some(path) = &args.routes {
+                    match kiln_edge::route_file::load(path) {
+                        Ok(table) => {
+                            tracing::info!(routes = table.routes.len(), ports = table.ports.len(), "route file reloaded");
+                            edge.set_table(table);
+                        }
+                        Err(e) => tracing::error!(error = %e, "route file not reloaded; keeping the last table"),
+                    }
+                }
+            }
+        }
+    }
+    let active = edge.active_connections();
+    tracing::info!(active, "draining: no longer accepting");
+    println!("kilnd edge: draining ({active} connections)");
+    let left = edge
+        .shutdown(Duration::from_secs(args.drain_timeout_secs))
+        .await;
+    tracing::info!(closed_at_deadline = left, "drained");
+    serving.abort();
+    tasks.abort_all();
+    Ok(())
+}
+
+// ---- `kilnd control`: the control plane without agent or edge, and store operations. ----
+
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    #[command(subcommand)]
+    pub command: ControlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ControlCommand {
+    /// Serve the HTTP API and run the reconciler on a store (one replica: the reconciler has no
+    /// leader election yet).
+    Serve(ServeArgs),
+    /// Operations on the materialized views.
+    Views {
+        #[command(subcommand)]
+        command: ViewsCommand,
+    },
+    /// Write an online backup of a SQLite store (a Postgres store is backed up with pg_dump).
+    Backup(BackupArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ViewsCommand {
+    /// Replay the log into fresh view tables and compare their checksums with the live views;
+    /// exits non-zero when they differ (unless `--replace` repaired them).
+    Rebuild(RebuildArgs),
+}
+
+/// Which store: the SQLite file of a data directory, or a Postgres database.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// State directory holding the SQLite store (`DIR/kiln.db`).
+    #[arg(long, conflicts_with = "database_url", required_unless_present = "database_url")]
+    pub data_dir: Option<PathBuf>,
+    /// Postgres connection URL (`postgres://user@host:port/db`).
+    #[arg(long, env = "KILN_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+impl StoreArgs {
+    pub fn location(&self) -> kiln_store::Location {
+        match (&self.database_url, &self.data_dir) {
+            (Some(url), _) => kiln_store::Location::Postgres(url.clone()),
+            (None, Some(dir)) => kiln_store::Location::Sqlite(dir.join("kiln.db")),
+            (None, None) => kiln_store::Location::Sqlite(PathBuf::from("/var/lib/kiln/kiln.db")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:4280")]
+    pub api_listen: SocketAddr,
+    /// Apps are served at `<app>.<domain>`.
+    #[arg(long, default_value = "kiln.test")]
+    pub domain: String,
+    /// Registries reached over plain HTTP besides loopback ones (repeat for several).
+    #[arg(long = "plain-http-registry")]
+    pub plain_http_registries: Vec<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RebuildArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// When the views differ, replace the live views by a replay of the log (appends wait).
+    #[arg(long)]
+    pub replace: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackupArgs {
+    /// State directory holding the SQLite store (`DIR/kiln.db`).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The backup file to write (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
+    match args.command {
+        ControlCommand::Serve(args) => {
+            let location = args.store.location();
+            let store = kiln_store::Store::open(&location, kiln_store::Options::default())
+                .await
+                .with_context(|| format!("cannot open the store at {location}"))?;
+            let control = Control::new(
+                store,
+                ControlConfig {
+                    app_domain: args.domain.clone(),
+                    plain_http_registries: args.plain_http_registries.clone(),
+                    ..Default::default()
+                },
+            )?;
+            let bootstrap = control.bootstrap("default").await?;
+            let listener = tokio::net::TcpListener::bind(args.api_listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (API)", args.api_listen))?;
+            let api = listener.local_addr()?;
+            let mut tasks = tokio::task::JoinSet::new();
+            let router = control.router();
+            tasks.spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!(error = %e, "API server stopped");
+                }
+            });
+            tasks.spawn(Reconciler::new(control.clone()).run());
+            tracing::info!(api = %api, store = %location, "kilnd control is serving");
+            println!("kilnd control: API http://{api} (store {location})");
+            if let Some(b) = &bootstrap {
+                println!(
+                    "kilnd control: first start; created org {} and an admin token (shown only now): {}",
+                    b.org_id, b.admin_token
+                );
+            }
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = tasks.join_next() => anyhow::bail!("a control-plane task stopped"),
+            }
+            Ok(())
+        }
+        ControlCommand::Views {
+            command: ViewsCommand::Rebuild(args),
+        } => {
+            let location = args.store.location();
+            if let kiln_store::Location::Sqlite(path) = &location {
+                // Opening would create an empty store: a typo in --data-dir must not pass.
+                anyhow::ensure!(path.is_file(), "there is no store at {}", path.display());
+            }
+            let store = kiln_store::Store::open(&location, kiln_store::Options::default())
+                .await
+                .with_context(|| format!("cannot open the store at {location}"))?;
+            let report = store.rebuild_views(args.replace).await?;
+            for (live, rebuilt) in report.live.iter().zip(&report.rebuilt) {
+                println!(
+                    "view={} rows_live={} rows_rebuilt={} live_sha256={} rebuilt_sha256={} equal={}",
+                    live.view,
+                    live.rows,
+                    rebuilt.rows,
+                    live.sha256,
+                    rebuilt.sha256,
+                    live == rebuilt
+                );
+            }
+            println!(
+                "head={} events_replayed={} elapsed_ms={} equal={} replaced={}",
+                report.head,
+                report.events,
+                report.elapsed.as_millis(),
+                report.is_equal(),
+                report.replaced
+            );
+            anyhow::ensure!(
+                report.is_equal() || report.replaced,
+                "the live views differ from a replay of the log; rerun with --replace to repair them"
+            );
+            Ok(())
+        }
+        ControlCommand::Backup(args) => {
+            let path = args.data_dir.join("kiln.db");
+            anyhow::ensure!(path.is_file(), "there is no store at {}", path.display());
+            anyhow::ensure!(!args.out.exists(), "{} already exists", args.out.display());
+            let store = kiln_store::Store::open_sqlite(&path).await?;
+            store
+                .backup(&args.out)
+                .await
+                .with_context(|| format!("cannot back up {}", path.display()))?;
+            println!(
+                "backup={} head={} (restore: stop kilnd, remove {p}-wal and {p}-shm, copy the backup to {p})",
+                args.out.display(),
+                store.head(),
+                p = path.display()
+            );
+            Ok(())
+        }
+    }
 }

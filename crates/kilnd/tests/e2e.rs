@@ -121,11 +121,25 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
         .file("/bin/busybox", std::fs::read("/bin/busybox")?, 0o755)
         .symlink("/bin/sh", "busybox")
         .build()?;
-    v2.push(&registry.host(), "hello-tls", "v2").await?;
+    let v2_digest = v2.push(&registry.host(), "hello-tls", "v2").await?;
 
     let data = tmp.path().join("data");
     let _cleanup = Cleanup(&data);
-    let dev = DevProcess::start(&bins, &data)?;
+    // A zero image-cache budget: every image no instance uses is evicted at once.
+    let dev = DevProcess::start_with(
+        &bins,
+        &data,
+        &[
+            "--api-listen",
+            "127.0.0.1:0",
+            "--edge-listen",
+            "127.0.0.1:0",
+            "--edge-listen",
+            "[::1]:0",
+            "--image-cache-mib",
+            "0",
+        ],
+    )?;
     let cli = Cli::new(&bins, tmp.path());
     let connect = dev
         .connect
@@ -287,6 +301,20 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
     }
     ensure!(gone, "v1's instance reached stopped");
     leaves_nothing_behind(&data, &v1_instance)?;
+    // v1's image is no longer used by any instance: collected; v2's is kept.
+    let images = |d: &str| data.join("images").join(d.trim_start_matches("sha256:"));
+    ensure!(!images(&v1_digest).exists(), "unused v1 image collected");
+    ensure!(
+        images(&v2_digest).join("rootfs").exists(),
+        "v2 image in use is kept"
+    );
+    ensure!(
+        !data
+            .join("blobs/sha256")
+            .join(v1_digest.trim_start_matches("sha256:"))
+            .exists(),
+        "v1 manifest blob collected"
+    );
 
     // A broken kiln.toml fails with line and problem, and v2 keeps serving.
     std::fs::write(

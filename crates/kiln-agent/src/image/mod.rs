@@ -17,11 +17,16 @@ use kiln_types::ImageRef;
 
 use crate::{AgentConfig, AgentError};
 
+pub(crate) mod gc;
+
 pub(crate) struct ImageCache {
     client: RegistryClient,
     blobs: BlobStore,
     root: PathBuf,
     building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Held shared by pulls and unpacks, exclusively by collection: blobs of a pull in progress
+    /// belong to no image yet and must not be collected.
+    pulls: tokio::sync::RwLock<()>,
 }
 
 /// An image ready to back instances.
@@ -51,6 +56,7 @@ impl ImageCache {
             blobs,
             root: config.data_dir.join("images"),
             building: Mutex::new(HashMap::new()),
+            pulls: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -60,6 +66,9 @@ impl ImageCache {
 
     async fn load(dir: &Path) -> Option<PreparedImage> {
         let bytes = tokio::fs::read(dir.join("config.json")).await.ok()?;
+        // The config's mtime is the image's last use, for least-recently-used eviction.
+        let _ = std::fs::File::open(dir.join("config.json"))
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         let config = serde_json::from_slice(&bytes).ok()?;
         Some(PreparedImage {
             rootfs: dir.join("rootfs"),
@@ -68,10 +77,16 @@ impl ImageCache {
     }
 
     /// Pulls (if needed) and unpacks (if needed) `image`.
+    ///
+    /// Callers record the instance's use of the image (its `spec.json`) before calling, so a
+    /// collection that starts later sees it in use.
     pub(crate) async fn prepare(&self, image: &ImageRef) -> Result<PreparedImage, AgentError> {
         let dir = self.dir(image);
-        if let Some(p) = Self::load(&dir).await {
-            return Ok(p);
+        {
+            let _shared = self.pulls.read().await;
+            if let Some(p) = Self::load(&dir).await {
+                return Ok(p);
+            }
         }
         let lock = self
             .building
@@ -81,6 +96,7 @@ impl ImageCache {
             .or_default()
             .clone();
         let _guard = lock.lock().await;
+        let _pull = self.pulls.read().await;
         if let Some(p) = Self::load(&dir).await {
             return Ok(p);
         }
@@ -109,7 +125,8 @@ impl ImageCache {
         let layers = pulled.layers.clone();
         let image_name = image.to_string();
         let unpack_dir = rootfs_tmp.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+        let unpacked = tokio::task::spawn_blocking(move || -> Result<u64, AgentError> {
+            let mut bytes = 0;
             for layer in &layers {
                 kiln_oci::apply_layer(
                     &blobs.path(&layer.digest),
@@ -122,9 +139,10 @@ impl ImageCache {
                     image: image_name.clone(),
                     digest: layer.digest.clone(),
                     source: Box::new(source),
-                })?;
+                })
+                .map(|stats| bytes += stats.bytes_written)?;
             }
-            Ok(())
+            Ok(bytes)
         })
         .await
         .map_err(|_| AgentError::Command {
@@ -135,6 +153,20 @@ impl ImageCache {
         tokio::fs::write(tmp.join("config.json"), config_json)
             .await
             .map_err(rerr)?;
+        // What garbage collection needs: the image's blobs and its size on disk.
+        let mut blobs_of = vec![image.digest.clone(), pulled.manifest.config.digest.clone()];
+        blobs_of.extend(pulled.layers.iter().map(|l| l.digest.clone()));
+        let blob_bytes: u64 = pulled.layers.iter().map(|l| l.size).sum();
+        let meta = gc::Meta {
+            blobs: blobs_of,
+            bytes: unpacked + blob_bytes,
+        };
+        tokio::fs::write(
+            tmp.join(gc::META),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        )
+        .await
+        .map_err(rerr)?;
         tokio::fs::rename(&tmp, &dir)
             .await
             .map_err(|source| AgentError::Rootfs {
@@ -149,4 +181,48 @@ impl ImageCache {
             source: std::io::Error::other("unpacked image has no readable config.json"),
         })
     }
+}
+
+impl ImageCache {
+    /// Evicts unused images, least recently used first, until the cache fits `budget_bytes`,
+    /// then removes blobs no remaining image references. Images in use are those named by the
+    /// `spec.json` of an instance directory under `instances`: derived from state on disk, so the
+    /// counts are right after an agent restart or a crash.
+    pub(crate) async fn collect(&self, budget_bytes: u64, instances: &Path) {
+        let _exclusive = self.pulls.write().await;
+        let in_use = images_in_use(instances).await;
+        let root = self.root.clone();
+        let blobs = self.blobs.root().to_owned();
+        let result =
+            tokio::task::spawn_blocking(move || gc::collect(&root, &blobs, budget_bytes, &in_use))
+                .await;
+        match result {
+            Ok(Ok(r)) if r.images_removed > 0 || r.blobs_removed > 0 => {
+                tracing::info!(
+                    images = r.images_removed,
+                    blobs = r.blobs_removed,
+                    freed_bytes = r.bytes_freed,
+                    "image cache collected"
+                );
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "image cache collection failed"),
+            _ => {}
+        }
+    }
+}
+
+/// Image digests named by the instances' `spec.json` files.
+async fn images_in_use(instances: &Path) -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
+    let Ok(mut entries) = tokio::fs::read_dir(instances).await else {
+        return out;
+    };
+    while let Ok(Some(e)) = entries.next_entry().await {
+        if let Ok(bytes) = tokio::fs::read(e.path().join("spec.json")).await {
+            if let Ok(spec) = serde_json::from_slice::<kiln_types::WorkloadSpec>(&bytes) {
+                out.insert(spec.image.digest);
+            }
+        }
+    }
+    out
 }
