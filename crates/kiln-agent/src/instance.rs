@@ -388,6 +388,11 @@ async fn run_config(
         hostname: spec.instance_id.as_str().replace('_', "-"),
         stop_signal: spec.stop.signal.clone(),
         stop_timeout_ms: spec.stop.timeout_ms,
+        network: Some(kiln_types::guest::GuestNetwork {
+            interface: "eth0".into(),
+            ipv6: spec.network.ipv6,
+            gateway: crate::netlink::GATEWAY,
+        }),
     })
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Each instance gets its own network namespace joined to the host by a veth pair:
 //! - host side `kv<id>`: link-local `fe80::1` and a /128 route to the instance's address;
-//! - instance side `eth0`: the instance's overlay address (/128) and a default route via `fe80::1`.
+//! - instance side `eth0`: the instance's overlay address (/128) and a default route via `fe80::1`,
+//!   configured by kiln-init from `run.json` (as inside a VM), not by the agent.
 //!
 //! The host's own overlay address (`::1` of its /64) sits on a `kiln0` dummy interface (or `lo`) so that
 //! connections from the host (the edge, health checks) to instances pick it as source address.
@@ -18,6 +19,8 @@ use tokio::process::Command;
 use crate::AgentError;
 
 pub(crate) const HOST_INTERFACE: &str = "kiln0";
+/// The host side's link-local address on every instance link: the instances' default gateway.
+pub(crate) const GATEWAY: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 async fn ip(args: &[&str], batch: Option<&str>) -> Result<(), AgentError> {
     let command = format!("ip {}", args.join(" "));
@@ -96,13 +99,9 @@ pub(crate) async fn create(netns: &str, host_if: &str, addr: Ipv6Addr) -> Result
          route replace {addr}/128 dev {host_if}\n"
     );
     ip(&["-batch", "-"], Some(&host_side)).await?;
-    let inside = format!(
-        "link set lo up\n\
-         link set eth0 up\n\
-         addr add {addr}/128 dev eth0 nodad\n\
-         route add ::/0 via fe80::1 dev eth0\n"
-    );
-    ip(&["-n", netns, "-batch", "-"], Some(&inside)).await
+    // The instance side (lo and eth0 up, the address, the default route) is configured by
+    // kiln-init from run.json, exactly as it will be inside a VM.
+    Ok(())
 }
 
 /// Removes an instance's veth pair and namespace; missing pieces are not an error.

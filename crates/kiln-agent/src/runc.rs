@@ -34,6 +34,8 @@ const CAPS: &[&str] = &[
     "CAP_SYS_CHROOT",
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
+    // For kiln-init's network setup only: it drops this from the bounding set before the app starts.
+    "CAP_NET_ADMIN",
 ];
 
 /// The runtime spec (config.json) of an instance's bundle.

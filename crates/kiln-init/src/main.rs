@@ -20,6 +20,7 @@
 
 mod channel;
 mod exec;
+mod net;
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -125,6 +126,26 @@ fn run(config: RunConfig) -> i32 {
     // SAFETY: blocking signals in the only thread that exists yet; the set is initialised.
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut()) };
 
+    if let Some(net) = &config.network {
+        if let Err(e) = net::configure(net) {
+            // Without its network the app cannot serve; fail visibly instead of running cut off.
+            log(&format!("cannot configure the network: {e}"));
+            write_exit(ExitStatus {
+                code: Some(126),
+                signal: None,
+            });
+            return 126;
+        }
+    }
+    // CAP_NET_ADMIN was granted for the step above only: take it out of the bounding set, so
+    // neither the app nor exec sessions (root or not) can get it back.
+    // SAFETY: plain prctl(2); failure leaves the set as the runtime gave it.
+    if unsafe {
+        libc::prctl(libc::PR_CAPBSET_DROP, 12 /* CAP_NET_ADMIN */, 0, 0, 0)
+    } != 0
+    {
+        log("cannot drop CAP_NET_ADMIN from the bounding set");
+    }
     let config = Arc::new(config);
     let shared = channel::Shared::new(config.clone());
     if let Err(e) = channel::listen(CHANNEL_SOCKET, shared.clone()) {

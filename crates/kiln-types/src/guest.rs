@@ -35,4 +35,19 @@ pub struct RunConfig {
     pub stop_signal: String,
     /// Milliseconds between the stop signal and SIGKILL.
     pub stop_timeout_ms: u64,
+    /// Network configuration kiln-init applies inside the instance before starting the app (the
+    /// same under runc and in a VM); `None` leaves the network as the runtime set it up.
+    #[serde(default)]
+    pub network: Option<GuestNetwork>,
+}
+
+/// The instance's interface as kiln-init configures it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    /// Interface name inside the instance (`eth0`).
+    pub interface: String,
+    /// The instance's overlay address, configured as a /128.
+    pub ipv6: std::net::Ipv6Addr,
+    /// Next hop of the default route, reached on-link (the host side answers `fe80::1`).
+    pub gateway: std::net::Ipv6Addr,
 }

@@ -248,6 +248,23 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
         "a tty was allocated: {:?}",
         out
     );
+    // kiln-init configured the network itself and then dropped CAP_NET_ADMIN (bit 12) for good.
+    let out = cli.ok(&[
+        "exec",
+        "-a",
+        "hello-tls",
+        "--",
+        "/bin/busybox",
+        "grep",
+        "CapBnd",
+        "/proc/self/status",
+    ])?;
+    let bnd =
+        u64::from_str_radix(out.split_whitespace().last().unwrap_or(""), 16).context("CapBnd")?;
+    ensure!(
+        bnd & (1 << 12) == 0 && bnd & (1 << 6) != 0,
+        "CapBnd without NET_ADMIN, with SETGID: {out}"
+    );
     let out = cli.run(&["exec", "-a", "hello-tls", "--", "/no/such/command"]);
     ensure!(
         out.status.code() == Some(127),
