@@ -228,14 +228,4 @@ impl Agent {
     }
 }
 
-/// Formats an error and its sources as `a: b: c`.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
-}
+pub(crate) use kiln_types::error_chain;

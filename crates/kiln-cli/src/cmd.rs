@@ -206,16 +206,7 @@ impl From<ApiError> for CliError {
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
-}
+use kiln_types::error_chain;
 
 fn client(ctx: &Context) -> Result<Client, CliError> {
     Client::new(&ctx.api, &ctx.token).map_err(CliError::from)

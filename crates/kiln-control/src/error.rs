@@ -63,17 +63,7 @@ impl ApiFailure {
     }
 }
 
-/// Formats an error and its sources as `a: b: c`.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
-}
+pub(crate) use kiln_types::error_chain;
 
 impl From<kiln_store::StoreError> for ApiFailure {
     fn from(e: kiln_store::StoreError) -> Self {

@@ -35,3 +35,16 @@ pub fn now_millis() -> UnixMillis {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// Formats an error and its sources as `a: b: c`: the one place a chain is printed, where the
+/// error is finally handled (logged once, or shown to a person).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
