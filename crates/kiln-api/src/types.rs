@@ -156,14 +156,7 @@ pub struct Route {
 }
 
 /// Connection limits of a service, applied to each of its instances (backends) by each edge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Concurrency {
-    /// Above this many connections an instance is used only when no instance is below its own.
-    pub soft_limit: u32,
-    /// An instance never gets more than this many connections; when every instance is full, new
-    /// connections are refused.
-    pub hard_limit: u32,
-}
+pub use kiln_types::workload::Concurrency;
 
 /// One address and port the edge listens on for one service (TCP, or TLS without SNI routing):
 /// a port allocated on a shared address, or any port of an app's dedicated IPv4.

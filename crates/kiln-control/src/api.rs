@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 
 use kiln_api::{
     App, AppStatus, Assignment, Assignments, CreateApp, CreateRelease, HostRegistration, Instance,
-    InstanceReport, RegisterHost, Release, Route, RouteTable, WatchQuery, WhoAmI, IDEMPOTENCY_KEY,
-    REQUEST_ID,
+    InstanceReport, PortRoute, RegisterHost, Release, Route, RouteTable, WatchQuery, WhoAmI,
+    IDEMPOTENCY_KEY, REQUEST_ID,
 };
 use kiln_store::{
     AppRow, Append, ExpectedVersion, Idempotency, InstanceRow, Metadata, NewEvent, ReleaseRow,
@@ -339,6 +339,7 @@ async fn create_release(
         }
     })?;
     let manifest_json = serde_json::to_value(&manifest).unwrap_or_default();
+    let port_events = allocate_ports(&c, &row.id, &manifest).await?;
     let stream = kiln_types::event::StreamRef {
         kind: kiln_types::event::StreamType::App,
         id: row.id.to_string(),
@@ -357,13 +358,17 @@ async fn create_release(
             manifest: manifest_json.clone(),
             manifest_source: body.manifest.clone(),
         };
+        // Port allocations go in the same append: a release never runs with ports it does not
+        // own, and the allocations view rejects the append if another app took a port meanwhile.
+        let mut events = vec![NewEvent {
+            event,
+            expected: ExpectedVersion::Exact(current),
+        }];
+        events.extend(port_events.iter().cloned().map(NewEvent::any));
         let res = c
             .store
             .append(Append {
-                events: vec![NewEvent {
-                    event,
-                    expected: ExpectedVersion::Exact(current),
-                }],
+                events,
                 metadata: metadata(&p, &headers),
                 idempotency: idempotency.clone(),
             })
@@ -502,6 +507,53 @@ async fn report_instance(
     Ok(Json(serde_json::json!({})))
 }
 
+/// The `port_allocated` events a release of `app` needs: the public ports of its `tcp` services
+/// that the app does not own yet. A port another app owns is a conflict.
+async fn allocate_ports(
+    c: &Control,
+    app: &AppId,
+    manifest: &kiln_manifest::Manifest,
+) -> ApiResult<Vec<Event>> {
+    let wanted: std::collections::BTreeSet<u16> = manifest
+        .processes
+        .iter()
+        .flat_map(|p| &p.services)
+        .filter(|s| s.protocol == ServiceProtocol::Tcp)
+        .flat_map(|s| s.ports.iter().copied())
+        .collect();
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let owners: BTreeMap<u16, AppId> = c
+        .store
+        .allocations()
+        .await?
+        .into_iter()
+        .filter_map(|a| match a.allocation {
+            kiln_store::Allocation::SharedPort(port) => Some((port, a.app_id)),
+            kiln_store::Allocation::DedicatedIpv4(_) => None,
+        })
+        .collect();
+    let mut events = Vec::new();
+    for port in wanted {
+        match owners.get(&port) {
+            Some(owner) if owner == app => {}
+            Some(_) => {
+                return Err(ApiFailure::new(
+                    StatusCode::CONFLICT,
+                    "port_taken",
+                    format!("public port {port} of the shared addresses belongs to another app"),
+                ))
+            }
+            None => events.push(Event::PortAllocated {
+                app_id: app.clone(),
+                port,
+            }),
+        }
+    }
+    Ok(events)
+}
+
 async fn routes(
     State(c): Ctl,
     p: Principal,
@@ -516,7 +568,35 @@ async fn routes(
         .into_iter()
         .map(|a| (a.id.clone(), a))
         .collect();
+    let mut shared_ports: BTreeMap<u16, AppId> = BTreeMap::new();
+    let mut dedicated: BTreeMap<AppId, Vec<std::net::Ipv4Addr>> = BTreeMap::new();
+    for a in c.store.allocations().await? {
+        match a.allocation {
+            kiln_store::Allocation::SharedPort(port) => {
+                shared_ports.insert(port, a.app_id);
+            }
+            kiln_store::Allocation::DedicatedIpv4(ip) => {
+                dedicated.entry(a.app_id).or_default().push(ip)
+            }
+        }
+    }
     let mut table: BTreeMap<String, Route> = BTreeMap::new();
+    let mut ports: BTreeMap<SocketAddr, PortRoute> = BTreeMap::new();
+    fn port_route<'a>(
+        ports: &'a mut BTreeMap<SocketAddr, PortRoute>,
+        listen: SocketAddr,
+        app: &AppRow,
+        svc: &kiln_types::ServiceSpec,
+    ) -> &'a mut PortRoute {
+        ports.entry(listen).or_insert_with(|| PortRoute {
+            listen,
+            app: app.name.clone(),
+            protocol: svc.protocol,
+            proxy_protocol: svc.proxy_protocol,
+            backends: Vec::new(),
+            concurrency: Some(svc.concurrency),
+        })
+    }
     for inst in c.store.all_instances().await? {
         if inst.state != kiln_types::InstanceState::Healthy || !inst.desired_running {
             continue;
@@ -524,13 +604,39 @@ async fn routes(
         let Some(app) = apps.get(&inst.app_id) else {
             continue;
         };
-        for svc in inst
-            .spec
-            .services
-            .iter()
-            .filter(|s| s.protocol == ServiceProtocol::Tls)
-        {
+        for svc in &inst.spec.services {
             let backend = SocketAddr::new(inst.spec.network.ipv6.into(), svc.internal_port);
+            // A dedicated IPv4: TLS on 443 (no SNI needed) and every public port of the app.
+            let public_ports: Vec<u16> = match svc.protocol {
+                ServiceProtocol::Tls => vec![443],
+                ServiceProtocol::Tcp => svc.ports.clone(),
+            };
+            for ip in dedicated.get(&inst.app_id).into_iter().flatten() {
+                for port in &public_ports {
+                    let listen = SocketAddr::new((*ip).into(), *port);
+                    port_route(&mut ports, listen, app, svc)
+                        .backends
+                        .push(backend);
+                }
+            }
+            if svc.protocol == ServiceProtocol::Tcp {
+                // Shared addresses: the ports the app owns, on every address of every edge.
+                for port in svc
+                    .ports
+                    .iter()
+                    .filter(|p| shared_ports.get(p) == Some(&inst.app_id))
+                {
+                    for any in [
+                        std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+                        std::net::IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+                    ] {
+                        port_route(&mut ports, SocketAddr::new(any, *port), app, svc)
+                            .backends
+                            .push(backend);
+                    }
+                }
+                continue;
+            }
             let default_host = format!("{}.{}", app.name, c.config.app_domain);
             for hostname in std::iter::once(default_host).chain(svc.hostnames.iter().cloned()) {
                 let route = table.entry(hostname.clone()).or_insert_with(|| Route {
@@ -538,7 +644,7 @@ async fn routes(
                     app: app.name.clone(),
                     proxy_protocol: svc.proxy_protocol,
                     backends: Vec::new(),
-                    concurrency: None,
+                    concurrency: Some(svc.concurrency),
                 });
                 route.backends.push(backend);
             }
@@ -547,7 +653,7 @@ async fn routes(
     Ok(Json(RouteTable {
         seq,
         routes: table.into_values().collect(),
-        ports: Vec::new(),
+        ports: ports.into_values().collect(),
     }))
 }
 

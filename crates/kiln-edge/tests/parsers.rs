@@ -18,6 +18,9 @@ use kiln_edge::sni::{parse_client_hello, ClientHello, HelloError, MAX_HELLO_BYTE
 const OPENSSL: &[u8] = include_bytes!("fixtures/openssl-s_client.bin");
 /// `curl -k --resolve app.kiln.test:PORT:127.0.0.1 https://app.kiln.test:PORT/` (curl 7.88, OpenSSL 3.0).
 const CURL: &[u8] = include_bytes!("fixtures/curl.bin");
+/// Headless Chromium 156 (Debian 12) opening `https://pq.kiln.test:PORT/`: 1,920 bytes with an
+/// X25519MLKEM768 key share (group 0x11ec), GREASE and ECH GREASE.
+const CHROMIUM_PQ: &[u8] = include_bytes!("fixtures/chromium-pq.bin");
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: TLS framing and a ClientHello builder.
@@ -240,6 +243,30 @@ fn curl_capture() {
 }
 
 #[test]
+fn chromium_post_quantum_capture() {
+    assert!(CHROMIUM_PQ.len() > 1500, "only {} bytes", CHROMIUM_PQ.len());
+    // The hybrid post-quantum group is offered and its key share is in the hello.
+    assert!(CHROMIUM_PQ.windows(2).any(|w| w == [0x11, 0xec]));
+    let hello = assert_needs_every_byte(CHROMIUM_PQ, "pq.kiln.test");
+    assert_eq!(hello.alpn, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+    assert!(hello.supported_versions.contains(&0x0304));
+    // Re-framed into records cut at every byte boundary, and as it would arrive in 1,460-byte TCP
+    // segments: each segment parsed as it arrives.
+    let msg = handshake_of(CHROMIUM_PQ);
+    for cut in 1..msg.len() {
+        let wire = frame(&msg, &[cut]);
+        let h = parse_client_hello(&wire).unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        assert_eq!(h.sni.as_deref(), Some("pq.kiln.test"));
+    }
+    let mut got = Vec::new();
+    for segment in CHROMIUM_PQ.chunks(1460) {
+        assert_eq!(parse_client_hello(&got), Err(HelloError::NeedMore));
+        got.extend_from_slice(segment);
+    }
+    assert_eq!(parse_client_hello(&got).unwrap(), hello);
+}
+
+#[test]
 fn post_quantum_hello_with_grease() {
     let wire = one_record(&pq_hello().message());
     assert!(wire.len() > 1500, "only {} bytes", wire.len());
@@ -268,6 +295,7 @@ fn every_two_record_split() {
     for (name, sni, msg) in [
         ("openssl", "example.kiln.test", handshake_of(OPENSSL)),
         ("curl", "app.kiln.test", handshake_of(CURL)),
+        ("chromium", "pq.kiln.test", handshake_of(CHROMIUM_PQ)),
         ("pq", "pq.kiln.test", pq_hello().message()),
     ] {
         for cut in 1..msg.len() {
@@ -614,6 +642,7 @@ fn seeds() -> Vec<Vec<u8>> {
     vec![
         OPENSSL.to_vec(),
         CURL.to_vec(),
+        CHROMIUM_PQ.to_vec(),
         one_record(&pq),
         frame(&pq, &[3, 500, 1]),
         frame(&handshake_of(OPENSSL), &[7; 64]),

@@ -1,19 +1,32 @@
-//! The event log and its materialized views (locked decision 0005).
+//! The event log and its materialized views (locked decisions 0005 and 0006).
 //!
 //! This crate owns Kiln's durable state: an append-only log of [`kiln_types::event::Event`]s with a
 //! global sequence, per-stream versions with optimistic concurrency and idempotency keys, and the
 //! view tables the API reads, which are updated in the same transaction as each append
-//! (read-your-writes). Watchers follow the log through [`Store::subscribe`].
+//! (read-your-writes). Watchers follow the log by sequence ([`Store::watch`], [`Store::subscribe`]).
+//! Views can be rebuilt from the log and proven equal to the live ones ([`Store::rebuild_views`]).
 //!
-//! The embedded backend is SQLite (the single-node default). It does not own the meaning of
-//! events beyond applying them to views: deciding what to append is the control plane's job.
+//! One [`Store`] type, two backends: SQLite (embedded, the single-node default) and Postgres
+//! (production). Both commit appends in batches (group commit) through one committer per store;
+//! on Postgres, batches from every process are serialized by a transaction-level advisory lock,
+//! so sequence numbers commit in order and a reader never sees N+1 before N (see
+//! docs/specs/state/event-log.md). It does not own the meaning of events beyond applying them to
+//! views: deciding what to append is the control plane's job.
 
+mod checksum;
 mod error;
+mod log;
+mod plan;
+mod postgres;
+mod sql;
 mod sqlite;
 mod views;
 
-use std::path::Path;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -21,8 +34,12 @@ use tokio::sync::watch;
 use kiln_types::event::{Event, ReleaseState, StreamRef};
 use kiln_types::{AppId, HostId, InstanceId, InstanceState, OrgId, UnixMillis};
 
-pub use error::StoreError;
-pub use views::{AppRow, HostRow, InstanceRow, ReleaseRow, TokenRow};
+pub use checksum::{RebuildReport, ViewChecksum};
+pub use error::{DbError, StoreError};
+pub use views::{Allocation, AllocationRow, AppRow, HostRow, InstanceRow, ReleaseRow, TokenRow};
+
+use sql::Val;
+use views::Query;
 
 /// What the appender expects the stream's current version to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +104,8 @@ pub struct RecordedEvent {
     pub seq: u64,
     pub stream: StreamRef,
     pub stream_version: u64,
+    /// The payload schema version it was written with (the event itself is upcast to the
+    /// current version on read).
     pub schema_version: u32,
     pub event: Event,
     pub metadata: Metadata,
@@ -101,81 +120,226 @@ pub struct Appended {
     pub replayed: bool,
 }
 
-/// The event log and views. Cheap to clone.
+/// Called inside every append transaction after its events and view changes are written and
+/// before it commits, with the sequences written. For fault injection in tests (holding a
+/// transaction open); `None` in production.
+pub type CommitHook =
+    Arc<dyn Fn(Vec<u64>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Where a store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite database file (created if missing).
+    Sqlite(PathBuf),
+    /// A Postgres connection string (`postgres://user@host:port/db` or `host=... dbname=...`).
+    Postgres(String),
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            Location::Postgres(url) => write!(f, "postgres:{}", postgres::redact(url)),
+        }
+    }
+}
+
+/// Tuning and test hooks; [`Options::default`] is what production uses.
+#[derive(Clone)]
+pub struct Options {
+    /// Most appends committed in one transaction.
+    pub max_batch: usize,
+    /// Postgres: how long an operation keeps retrying (with backoff) while the database is
+    /// unreachable before it fails with [`StoreError::Unavailable`].
+    pub retry_for: Duration,
+    /// Postgres: connections used for reads (each is pipelined, so a few suffice).
+    pub read_connections: usize,
+    pub commit_hook: Option<CommitHook>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_batch: 512,
+            retry_for: Duration::from_secs(30),
+            read_connections: 2,
+            commit_hook: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("max_batch", &self.max_batch)
+            .field("retry_for", &self.retry_for)
+            .field("read_connections", &self.read_connections)
+            .field("commit_hook", &self.commit_hook.is_some())
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(Arc<sqlite::Sqlite>),
+    Postgres(Arc<postgres::Postgres>),
+}
+
+/// The event log and views. Cheap to clone; the backend's tasks stop when the last clone is
+/// dropped.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<sqlite::Sqlite>,
+    backend: Backend,
     head: watch::Receiver<u64>,
 }
 
 impl Store {
     /// Opens (creating and migrating if needed) the SQLite store at `path`.
     pub async fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
-        let path = path.to_owned();
-        let (inner, head) = tokio::task::spawn_blocking(move || sqlite::Sqlite::open(&path))
-            .await
-            .map_err(|_| StoreError::TaskPanicked)??;
-        Ok(Store {
-            inner: Arc::new(inner),
-            head,
-        })
+        Store::open(&Location::Sqlite(path.to_owned()), Options::default()).await
     }
 
-    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        F: FnOnce(&sqlite::Sqlite) -> Result<T, StoreError> + Send + 'static,
-        T: Send + 'static,
-    {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|_| StoreError::TaskPanicked)?
+    /// Connects to (and migrates if needed) the Postgres store at `url`.
+    pub async fn open_postgres(url: &str) -> Result<Store, StoreError> {
+        Store::open(&Location::Postgres(url.to_owned()), Options::default()).await
+    }
+
+    /// Opens a store at `location`, running the log and view migrations it needs.
+    pub async fn open(location: &Location, options: Options) -> Result<Store, StoreError> {
+        match location {
+            Location::Sqlite(path) => {
+                let (inner, head) = sqlite::Sqlite::open(path, options).await?;
+                Ok(Store {
+                    backend: Backend::Sqlite(Arc::new(inner)),
+                    head,
+                })
+            }
+            Location::Postgres(url) => {
+                let (inner, head) = postgres::Postgres::open(url, options).await?;
+                Ok(Store {
+                    backend: Backend::Postgres(Arc::new(inner)),
+                    head,
+                })
+            }
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
     }
 
     /// Appends events atomically and applies them to the views in the same transaction.
+    /// Concurrent appends are committed together (group commit); each keeps its own outcome.
     pub async fn append(&self, append: Append) -> Result<Appended, StoreError> {
-        self.run(move |s| s.append(append)).await
+        match &self.backend {
+            Backend::Sqlite(s) => s.append(append).await,
+            Backend::Postgres(p) => p.append(append).await,
+        }
+    }
+
+    async fn query<T: Send + 'static>(
+        &self,
+        q: Query,
+        params: Vec<Val>,
+        map: fn(&dyn sql::Cols) -> Result<T, DbError>,
+    ) -> Result<Vec<T>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.query(q, params, map).await,
+            Backend::Postgres(p) => p.query(q, params, map).await,
+        }
+    }
+
+    async fn query_one<T: Send + 'static>(
+        &self,
+        q: Query,
+        params: Vec<Val>,
+        map: fn(&dyn sql::Cols) -> Result<T, DbError>,
+    ) -> Result<Option<T>, StoreError> {
+        Ok(self.query(q, params, map).await?.into_iter().next())
     }
 
     /// Up to `limit` events with sequence greater than `after`, in order. Never skips an event:
-    /// SQLite has one writer at a time, so sequences become visible in order.
+    /// sequences become visible in order on both backends.
     pub async fn read_after(
         &self,
         after: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.run(move |s| s.read_after(after, limit)).await
+        let raws = self
+            .query(
+                log::READ_AFTER,
+                vec![after.into(), (limit as u64).into()],
+                log::raw_event_row,
+            )
+            .await?;
+        raws.into_iter().map(log::decode).collect()
     }
 
-    /// The sequence of the last committed event (0 for an empty log).
+    /// The sequence of the last committed event this process knows of (0 for an empty log).
     pub fn head(&self) -> u64 {
         *self.head.borrow()
     }
 
-    /// A receiver that changes whenever the head advances. Holds only the latest value, so a slow
-    /// watcher costs no memory: it reads the events it missed from the log.
+    /// A receiver that changes whenever the head advances (on Postgres also for appends by other
+    /// processes, through LISTEN/NOTIFY). Holds only the latest value, so a slow watcher costs no
+    /// memory: it reads the events it missed from the log.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.head.clone()
     }
 
+    /// A watcher that yields every event after `checkpoint`, in order, in pages of at most `page`
+    /// events. Resuming after a restart is `watch(last seq handled)`.
+    pub fn watch(&self, checkpoint: u64, page: usize) -> Watcher {
+        Watcher {
+            store: self.clone(),
+            head: self.subscribe(),
+            checkpoint,
+            page: page.max(1),
+        }
+    }
+
     pub async fn token_by_hash(&self, hash: String) -> Result<Option<TokenRow>, StoreError> {
-        self.run(move |s| s.token_by_hash(&hash)).await
+        self.query_one(views::TOKEN_BY_HASH, vec![hash.into()], views::token_row)
+            .await
     }
 
     pub async fn orgs_count(&self) -> Result<u64, StoreError> {
-        self.run(|s| s.orgs_count()).await
+        Ok(self
+            .query_one(views::ORGS_COUNT, vec![], views::count_row)
+            .await?
+            .unwrap_or(0))
     }
 
     pub async fn app_by_name(&self, name: String) -> Result<Option<AppRow>, StoreError> {
-        self.run(move |s| s.app_by_name(&name)).await
+        self.query_one(views::APP_BY_NAME, vec![name.into()], views::app_row)
+            .await
     }
 
     pub async fn apps(&self, org: Option<OrgId>) -> Result<Vec<AppRow>, StoreError> {
-        self.run(move |s| s.apps(org.as_ref())).await
+        match org {
+            Some(org) => {
+                self.query(
+                    views::APPS_OF_ORG,
+                    vec![org.as_str().into()],
+                    views::app_row,
+                )
+                .await
+            }
+            None => self.query(views::APPS_ALL, vec![], views::app_row).await,
+        }
     }
 
     pub async fn releases(&self, app: AppId) -> Result<Vec<ReleaseRow>, StoreError> {
-        self.run(move |s| s.releases(&app)).await
+        self.query(
+            views::RELEASES_OF_APP,
+            vec![app.as_str().into()],
+            views::release_row,
+        )
+        .await
     }
 
     pub async fn release(
@@ -183,27 +347,54 @@ impl Store {
         app: AppId,
         version: u64,
     ) -> Result<Option<ReleaseRow>, StoreError> {
-        self.run(move |s| s.release(&app, version)).await
+        self.query_one(
+            views::RELEASE,
+            vec![app.as_str().into(), version.into()],
+            views::release_row,
+        )
+        .await
     }
 
     pub async fn instances_of_app(&self, app: AppId) -> Result<Vec<InstanceRow>, StoreError> {
-        self.run(move |s| s.instances(Some(&app), None)).await
+        self.query(
+            views::INSTANCES_OF_APP,
+            vec![app.as_str().into()],
+            views::instance_row,
+        )
+        .await
     }
 
     pub async fn instances_on_host(&self, host: HostId) -> Result<Vec<InstanceRow>, StoreError> {
-        self.run(move |s| s.instances(None, Some(&host))).await
+        self.query(
+            views::INSTANCES_ON_HOST,
+            vec![host.as_str().into()],
+            views::instance_row,
+        )
+        .await
     }
 
     pub async fn all_instances(&self) -> Result<Vec<InstanceRow>, StoreError> {
-        self.run(move |s| s.instances(None, None)).await
+        self.query(views::INSTANCES_ALL, vec![], views::instance_row)
+            .await
     }
 
     pub async fn instance(&self, id: InstanceId) -> Result<Option<InstanceRow>, StoreError> {
-        self.run(move |s| s.instance(&id)).await
+        self.query_one(
+            views::INSTANCE,
+            vec![id.as_str().into()],
+            views::instance_row,
+        )
+        .await
     }
 
     pub async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
-        self.run(|s| s.hosts()).await
+        self.query(views::HOSTS, vec![], views::host_row).await
+    }
+
+    /// Every public port and dedicated address of the edges owned by an app.
+    pub async fn allocations(&self) -> Result<Vec<AllocationRow>, StoreError> {
+        self.query(views::ALLOCATIONS, vec![], views::allocation_row)
+            .await
     }
 
     /// Releases in a given state, across apps (the reconciler's work list).
@@ -211,12 +402,111 @@ impl Store {
         &self,
         state: ReleaseState,
     ) -> Result<Vec<ReleaseRow>, StoreError> {
-        self.run(move |s| s.releases_in_state(state)).await
+        self.query(
+            views::RELEASES_IN_STATE,
+            vec![state.as_str().into()],
+            views::release_row,
+        )
+        .await
     }
 
     /// The current version of a stream (0 when it has no events).
     pub async fn stream_version(&self, stream: StreamRef) -> Result<u64, StoreError> {
-        self.run(move |s| s.stream_version(&stream)).await
+        Ok(self
+            .query_one(
+                log::STREAM_VERSION,
+                vec![stream.kind.as_str().into(), stream.id.into()],
+                views::count_row,
+            )
+            .await?
+            .unwrap_or(0))
+    }
+
+    /// Checksums of the live view tables.
+    pub async fn view_checksums(&self) -> Result<Vec<ViewChecksum>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.view_checksums().await,
+            Backend::Postgres(p) => p.view_checksums().await,
+        }
+    }
+
+    /// Replays the whole log into fresh view tables and compares their checksums with the live
+    /// views, both as of one log head (appends may continue meanwhile). With `replace`, and when
+    /// they differ, the live views are then rebuilt in place by replay, in one transaction that
+    /// holds the log's write lock (appends wait for it).
+    pub async fn rebuild_views(&self, replace: bool) -> Result<RebuildReport, StoreError> {
+        let started = std::time::Instant::now();
+        let mut report = match &self.backend {
+            Backend::Sqlite(s) => s.rebuild_compare().await?,
+            Backend::Postgres(p) => p.rebuild_compare().await?,
+        };
+        if replace && !report.is_equal() {
+            match &self.backend {
+                Backend::Sqlite(s) => s.replay_live().await?,
+                Backend::Postgres(p) => p.replay_live().await?,
+            };
+            report.replaced = true;
+        }
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    /// Writes a consistent copy of a SQLite store to `dest` while it keeps serving (SQLite's
+    /// online backup). The copy is itself a store: restoring is opening it. Postgres stores are
+    /// backed up with `pg_dump` (see docs/ops/07-backup-restore-runbook.md).
+    pub async fn backup(&self, dest: &Path) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.backup(dest).await,
+            Backend::Postgres(_) => Err(StoreError::Unsupported {
+                op: "online backup (use pg_dump)",
+                backend: "postgres",
+            }),
+        }
+    }
+}
+
+/// Follows the log from a checkpoint. Holds no events between calls: a watcher that falls behind
+/// costs one `u64` and reads what it missed from the log, a page at a time.
+pub struct Watcher {
+    store: Store,
+    head: watch::Receiver<u64>,
+    checkpoint: u64,
+    page: usize,
+}
+
+impl Watcher {
+    /// The sequence of the last event returned (where to resume after a restart).
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint
+    }
+
+    /// Waits until there are events after the checkpoint and returns the next page of them, in
+    /// sequence order, advancing the checkpoint.
+    pub async fn next(&mut self) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut reread = false;
+        loop {
+            let events = self.store.read_after(self.checkpoint, self.page).await?;
+            if let Some(last) = events.last() {
+                self.checkpoint = last.seq;
+                return Ok(events);
+            }
+            let checkpoint = self.checkpoint;
+            let waited = if *self.head.borrow_and_update() > checkpoint {
+                if !reread {
+                    // An append committed between the read and the look at the head.
+                    reread = true;
+                    continue;
+                }
+                // The head says there is more but the log shows nothing (it cannot happen
+                // while sequences commit in order): wait for news rather than spin.
+                self.head.changed().await
+            } else {
+                self.head.wait_for(|h| *h > checkpoint).await.map(|_| ())
+            };
+            if waited.is_err() {
+                return Err(StoreError::Closed);
+            }
+        }
     }
 }
 
@@ -225,5 +515,9 @@ pub fn is_live(state: InstanceState) -> bool {
     !state.is_terminal()
 }
 
-#[cfg(test)]
-mod tests;
+#[doc(hidden)]
+pub mod testing {
+    //! Helpers for tests of this crate and of its callers: schemas at old versions, raw rows.
+    pub use crate::postgres::testing::*;
+    pub use crate::sqlite::testing::*;
+}

@@ -1,9 +1,10 @@
-//! Materialized views: how each event changes the view tables, and the queries the API runs.
+//! Materialized views: their schema and its migrations, how each event changes them, and the
+//! queries the API runs. Everything here is dialect-neutral SQL (see [`crate::sql`]) shared by both
+//! backends.
 //!
-//! [`apply`] is the only writer of view tables and is a function of the event alone, so replaying
-//! the log from the start rebuilds every view.
+//! [`writes`] is the only source of view changes and is a function of the event and its recorded
+//! time alone, so replaying the log from the start rebuilds every view exactly.
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
 use kiln_types::event::{Event, ReleaseState};
@@ -12,22 +13,234 @@ use kiln_types::{
     TokenId, UnixMillis, WorkloadSpec,
 };
 
-use crate::StoreError;
+use crate::error::DbError;
+use crate::sql::{parsed, Cols, Val};
 
-pub(crate) fn apply(
-    tx: &Connection,
-    seq: u64,
-    now: UnixMillis,
-    event: &Event,
-) -> rusqlite::Result<()> {
-    let _ = seq;
+/// One step of the view schema. Views are derived data, so a step may change anything about
+/// them; a step whose change cannot be expressed as a cheap in-place SQL edit sets `replay`, and
+/// the migration then empties every view and replays the whole log into it (in the same
+/// transaction as the DDL).
+pub(crate) struct ViewMigration {
+    pub sql: &'static str,
+    pub replay: bool,
+}
+
+/// The view schema, in order; the index + 1 is the view schema version. Append only.
+pub(crate) const VIEW_MIGRATIONS: &[ViewMigration] = &[
+    ViewMigration {
+        sql: r#"
+CREATE TABLE orgs (id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at BIGINT NOT NULL);
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY, org_id TEXT NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
+    scopes TEXT NOT NULL, expires_at BIGINT, created_at BIGINT NOT NULL
+);
+CREATE TABLE apps (
+    id TEXT PRIMARY KEY, org_id TEXT NOT NULL, name TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL, release_count BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE releases (
+    id TEXT PRIMARY KEY, app_id TEXT NOT NULL, version BIGINT NOT NULL, image_input TEXT NOT NULL,
+    image TEXT NOT NULL, manifest TEXT NOT NULL, manifest_source TEXT NOT NULL, state TEXT NOT NULL,
+    reason TEXT, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL,
+    UNIQUE (app_id, version)
+);
+CREATE INDEX releases_state ON releases (state);
+CREATE TABLE hosts (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, idx BIGINT NOT NULL UNIQUE, driver TEXT NOT NULL,
+    cpu BIGINT NOT NULL, memory BIGINT NOT NULL, registered_at BIGINT NOT NULL
+);
+CREATE TABLE instances (
+    id TEXT PRIMARY KEY, app_id TEXT NOT NULL, release_id TEXT NOT NULL,
+    release_version BIGINT NOT NULL, host_id TEXT NOT NULL, spec TEXT NOT NULL,
+    state TEXT NOT NULL, reason TEXT, desired_running BOOLEAN NOT NULL,
+    created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL
+);
+CREATE INDEX instances_app ON instances (app_id);
+CREATE INDEX instances_host ON instances (host_id);
+"#,
+        replay: false,
+    },
+    // v2: when each host's agent last registered (an agent registers at every start). Only the
+    // log knows the past registrations, so the column is filled by replay.
+    ViewMigration {
+        sql: "ALTER TABLE hosts ADD COLUMN last_registered_at BIGINT NOT NULL DEFAULT 0;",
+        replay: true,
+    },
+    // v3: public addresses and ports of the edges owned by apps. `address` is `*` for a port of
+    // the shared addresses; `port` is 0 for a whole dedicated address. The primary key settles two
+    // apps claiming the same port at once: the second append fails.
+    ViewMigration {
+        sql: r#"
+CREATE TABLE edge_allocations (
+    address TEXT NOT NULL, port BIGINT NOT NULL, app_id TEXT NOT NULL, allocated_at BIGINT NOT NULL,
+    PRIMARY KEY (address, port)
+);
+"#,
+        replay: true,
+    },
+];
+
+/// The current view schema version.
+pub(crate) const VIEW_VERSION: u32 = VIEW_MIGRATIONS.len() as u32;
+
+/// How a column is rendered for checksums: the same value gives the same bytes on both backends
+/// (SQLite has no boolean type and stores 0/1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Text,
+    Int,
+    Bool,
+}
+
+/// A view table as the checksum and the replay see it.
+pub(crate) struct ViewTable {
+    pub name: &'static str,
+    pub key: &'static str,
+    pub cols: &'static [(&'static str, Kind)],
+}
+
+use Kind::{Bool, Int, Text};
+
+/// Every view table at the current schema version, in a fixed order.
+pub(crate) const VIEW_TABLES: &[ViewTable] = &[
+    ViewTable {
+        name: "orgs",
+        key: "id",
+        cols: &[("id", Text), ("name", Text), ("created_at", Int)],
+    },
+    ViewTable {
+        name: "tokens",
+        key: "id",
+        cols: &[
+            ("id", Text),
+            ("org_id", Text),
+            ("name", Text),
+            ("hash", Text),
+            ("scopes", Text),
+            ("expires_at", Int),
+            ("created_at", Int),
+        ],
+    },
+    ViewTable {
+        name: "apps",
+        key: "id",
+        cols: &[
+            ("id", Text),
+            ("org_id", Text),
+            ("name", Text),
+            ("created_at", Int),
+            ("release_count", Int),
+        ],
+    },
+    ViewTable {
+        name: "releases",
+        key: "id",
+        cols: &[
+            ("id", Text),
+            ("app_id", Text),
+            ("version", Int),
+            ("image_input", Text),
+            ("image", Text),
+            ("manifest", Text),
+            ("manifest_source", Text),
+            ("state", Text),
+            ("reason", Text),
+            ("created_at", Int),
+            ("updated_at", Int),
+        ],
+    },
+    ViewTable {
+        name: "hosts",
+        key: "id",
+        cols: &[
+            ("id", Text),
+            ("name", Text),
+            ("idx", Int),
+            ("driver", Text),
+            ("cpu", Int),
+            ("memory", Int),
+            ("registered_at", Int),
+            ("last_registered_at", Int),
+        ],
+    },
+    ViewTable {
+        name: "instances",
+        key: "id",
+        cols: &[
+            ("id", Text),
+            ("app_id", Text),
+            ("release_id", Text),
+            ("release_version", Int),
+            ("host_id", Text),
+            ("spec", Text),
+            ("state", Text),
+            ("reason", Text),
+            ("desired_running", Bool),
+            ("created_at", Int),
+            ("updated_at", Int),
+        ],
+    },
+    ViewTable {
+        name: "edge_allocations",
+        key: "address, port",
+        cols: &[
+            ("address", Text),
+            ("port", Int),
+            ("app_id", Text),
+            ("allocated_at", Int),
+        ],
+    },
+];
+
+/// `edge_allocations.address` of a port of the shared addresses.
+pub(crate) const SHARED_ADDRESS: &str = "*";
+
+impl ViewTable {
+    pub(crate) fn select_all(&self) -> String {
+        let cols: Vec<&str> = self.cols.iter().map(|(c, _)| *c).collect();
+        format!(
+            "SELECT {} FROM {} ORDER BY {}",
+            cols.join(", "),
+            self.name,
+            self.key
+        )
+    }
+}
+
+/// One change to a view table.
+pub(crate) type Write = (&'static str, Vec<Val>);
+
+pub(crate) const INSERT_ORG: &str = "INSERT INTO orgs (id, name, created_at) VALUES ($1, $2, $3)";
+pub(crate) const INSERT_TOKEN: &str = "INSERT INTO tokens (id, org_id, name, hash, scopes, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+pub(crate) const INSERT_APP: &str =
+    "INSERT INTO apps (id, org_id, name, created_at) VALUES ($1, $2, $3, $4)";
+pub(crate) const INSERT_RELEASE: &str = "INSERT INTO releases (id, app_id, version, image_input, image, manifest, manifest_source, state, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'deploying', $8, $8)";
+pub(crate) const RAISE_RELEASE_COUNT: &str = "UPDATE apps SET release_count = CASE WHEN release_count < $2 THEN $2 ELSE release_count END WHERE id = $1";
+pub(crate) const SET_RELEASE_STATE: &str =
+    "UPDATE releases SET state = $2, reason = $3, updated_at = $4 WHERE id = $1";
+pub(crate) const UPSERT_HOST: &str = "INSERT INTO hosts (id, name, idx, driver, cpu, memory, registered_at, last_registered_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (id) DO UPDATE SET name = excluded.name, driver = excluded.driver, cpu = excluded.cpu, memory = excluded.memory, last_registered_at = excluded.last_registered_at";
+pub(crate) const INSERT_INSTANCE: &str = "INSERT INTO instances (id, app_id, release_id, release_version, host_id, spec, state, desired_running, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', TRUE, $7, $7)";
+pub(crate) const SET_INSTANCE_STATE: &str =
+    "UPDATE instances SET state = $2, reason = $3, updated_at = $4 WHERE id = $1";
+pub(crate) const STOP_INSTANCE: &str = "UPDATE instances SET desired_running = FALSE, reason = CASE WHEN state = 'failed' THEN reason ELSE $2 END, updated_at = $3 WHERE id = $1";
+
+pub(crate) const INSERT_ALLOCATION: &str =
+    "INSERT INTO edge_allocations (address, port, app_id, allocated_at) VALUES ($1, $2, $3, $4)";
+pub(crate) const DELETE_ALLOCATION: &str =
+    "DELETE FROM edge_allocations WHERE address = $1 AND port = $2 AND app_id = $3";
+
+fn json(v: &impl Serialize) -> Val {
+    Val::Text(serde_json::to_string(v).unwrap_or_default())
+}
+
+/// The view changes of one event recorded at `at`.
+pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
+    let at = Val::Int(at);
     match event {
-        Event::OrgCreated { org_id, name } => {
-            tx.execute(
-                "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)",
-                params![org_id.as_str(), name, now],
-            )?;
-        }
+        Event::OrgCreated { org_id, name } => vec![(
+            INSERT_ORG,
+            vec![org_id.as_str().into(), name.as_str().into(), at],
+        )],
         Event::TokenCreated {
             token_id,
             org_id,
@@ -35,22 +248,31 @@ pub(crate) fn apply(
             hash,
             scopes,
             expires_at,
-        } => {
-            tx.execute(
-                "INSERT INTO tokens (id, org_id, name, hash, scopes, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![token_id.as_str(), org_id.as_str(), name, hash, serde_json::to_string(scopes).unwrap_or_default(), expires_at, now],
-            )?;
-        }
+        } => vec![(
+            INSERT_TOKEN,
+            vec![
+                token_id.as_str().into(),
+                org_id.as_str().into(),
+                name.as_str().into(),
+                hash.as_str().into(),
+                json(scopes),
+                Val::OptInt(*expires_at),
+                at,
+            ],
+        )],
         Event::AppCreated {
             app_id,
             org_id,
             name,
-        } => {
-            tx.execute(
-                "INSERT INTO apps (id, org_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![app_id.as_str(), org_id.as_str(), name.as_str(), now],
-            )?;
-        }
+        } => vec![(
+            INSERT_APP,
+            vec![
+                app_id.as_str().into(),
+                org_id.as_str().into(),
+                name.as_str().into(),
+                at,
+            ],
+        )],
         Event::ReleaseCreated {
             app_id,
             release_id,
@@ -59,37 +281,39 @@ pub(crate) fn apply(
             image,
             manifest,
             manifest_source,
-        } => {
-            tx.execute(
-                "INSERT INTO releases (id, app_id, version, image_input, image, manifest, manifest_source, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'deploying', ?8, ?8)",
-                params![
-                    release_id.as_str(),
-                    app_id.as_str(),
-                    version,
-                    image_input,
-                    serde_json::to_string(image).unwrap_or_default(),
-                    manifest.to_string(),
-                    manifest_source,
-                    now
+        } => vec![
+            (
+                INSERT_RELEASE,
+                vec![
+                    release_id.as_str().into(),
+                    app_id.as_str().into(),
+                    (*version).into(),
+                    image_input.as_str().into(),
+                    json(image),
+                    Val::Text(manifest.to_string()),
+                    manifest_source.as_str().into(),
+                    at,
                 ],
-            )?;
-            tx.execute(
-                "UPDATE apps SET release_count = MAX(release_count, ?2) WHERE id = ?1",
-                params![app_id.as_str(), version],
-            )?;
-        }
+            ),
+            (
+                RAISE_RELEASE_COUNT,
+                vec![app_id.as_str().into(), (*version).into()],
+            ),
+        ],
         Event::ReleaseStateChanged {
             release_id,
             state,
             reason,
             ..
-        } => {
-            tx.execute(
-                "UPDATE releases SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
-                params![release_id.as_str(), state.as_str(), reason, now],
-            )?;
-        }
+        } => vec![(
+            SET_RELEASE_STATE,
+            vec![
+                release_id.as_str().into(),
+                state.as_str().into(),
+                reason.clone().into(),
+                at,
+            ],
+        )],
         Event::HostRegistered {
             host_id,
             name,
@@ -97,51 +321,87 @@ pub(crate) fn apply(
             driver,
             cpu,
             memory,
-        } => {
-            tx.execute(
-                "INSERT INTO hosts (id, name, idx, driver, cpu, memory, registered_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, driver = excluded.driver, cpu = excluded.cpu, memory = excluded.memory",
-                params![host_id.as_str(), name, index, driver.as_str(), cpu.0, memory.0, now],
-            )?;
-        }
-        Event::InstancePlaced { host_id, spec } => {
-            tx.execute(
-                "INSERT INTO instances (id, app_id, release_id, release_version, host_id, spec, state, desired_running, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 1, ?7, ?7)",
-                params![
-                    spec.instance_id.as_str(),
-                    spec.app_id.as_str(),
-                    spec.release_id.as_str(),
-                    spec.release_version,
-                    host_id.as_str(),
-                    serde_json::to_string(spec).unwrap_or_default(),
-                    now
-                ],
-            )?;
-        }
+        } => vec![(
+            UPSERT_HOST,
+            vec![
+                host_id.as_str().into(),
+                name.as_str().into(),
+                (*index).into(),
+                driver.as_str().into(),
+                cpu.0.into(),
+                memory.0.into(),
+                at,
+            ],
+        )],
+        Event::InstancePlaced { host_id, spec } => vec![(
+            INSERT_INSTANCE,
+            vec![
+                spec.instance_id.as_str().into(),
+                spec.app_id.as_str().into(),
+                spec.release_id.as_str().into(),
+                spec.release_version.into(),
+                host_id.as_str().into(),
+                json(spec),
+                at,
+            ],
+        )],
         Event::InstanceStateChanged {
             instance_id,
             state,
             reason,
             ..
-        } => {
-            tx.execute(
-                "UPDATE instances SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
-                params![instance_id.as_str(), state.as_str(), reason, now],
-            )?;
-        }
+        } => vec![(
+            SET_INSTANCE_STATE,
+            vec![
+                instance_id.as_str().into(),
+                state.as_str().into(),
+                reason.clone().into(),
+                at,
+            ],
+        )],
         Event::InstanceStopRequested {
             instance_id,
             reason,
             ..
-        } => {
-            tx.execute(
-                "UPDATE instances SET desired_running = 0, reason = CASE WHEN state = 'failed' THEN reason ELSE ?2 END, updated_at = ?3 WHERE id = ?1",
-                params![instance_id.as_str(), reason, now],
-            )?;
-        }
+        } => vec![(
+            STOP_INSTANCE,
+            vec![instance_id.as_str().into(), reason.as_str().into(), at],
+        )],
+        Event::PortAllocated { app_id, port } => vec![(
+            INSERT_ALLOCATION,
+            vec![
+                SHARED_ADDRESS.into(),
+                (*port).into(),
+                app_id.as_str().into(),
+                at,
+            ],
+        )],
+        Event::PortReleased { app_id, port } => vec![(
+            DELETE_ALLOCATION,
+            vec![
+                SHARED_ADDRESS.into(),
+                (*port).into(),
+                app_id.as_str().into(),
+            ],
+        )],
+        Event::Ipv4Allocated { app_id, address } => vec![(
+            INSERT_ALLOCATION,
+            vec![
+                address.to_string().into(),
+                0u16.into(),
+                app_id.as_str().into(),
+                at,
+            ],
+        )],
+        Event::Ipv4Released { app_id, address } => vec![(
+            DELETE_ALLOCATION,
+            vec![
+                address.to_string().into(),
+                0u16.into(),
+                app_id.as_str().into(),
+            ],
+        )],
     }
-    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,7 +446,10 @@ pub struct HostRow {
     pub driver: String,
     pub cpu: MilliCpu,
     pub memory: MiB,
+    /// First registration.
     pub registered_at: UnixMillis,
+    /// Latest registration (the agent's last start).
+    pub last_registered_at: UnixMillis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,199 +468,184 @@ pub struct InstanceRow {
     pub updated_at: UnixMillis,
 }
 
-/// Reads a text column holding a typed value (id, name, JSON) and fails the row cleanly if the
-/// stored text does not parse, rather than panicking on a corrupted view.
-fn parse_col<T, E>(
-    r: &Row<'_>,
-    idx: usize,
-    f: impl FnOnce(&str) -> Result<T, E>,
-) -> rusqlite::Result<T>
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    let s: String = r.get(idx)?;
-    f(&s).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+/// A public port or address of the edges owned by an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Allocation {
+    /// A port of every shared address.
+    SharedPort(u16),
+    /// A whole dedicated IPv4 address.
+    DedicatedIpv4(std::net::Ipv4Addr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationRow {
+    pub allocation: Allocation,
+    pub app_id: AppId,
+    pub allocated_at: UnixMillis,
+}
+
+/// A read query: its name (for errors) and its SQL.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Query {
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub(crate) const TOKEN_BY_HASH: Query = Query {
+    name: "token_by_hash",
+    sql: "SELECT id, org_id, name, scopes, expires_at FROM tokens WHERE hash = $1",
+};
+pub(crate) const ORGS_COUNT: Query = Query {
+    name: "orgs_count",
+    sql: "SELECT COUNT(*) FROM orgs",
+};
+pub(crate) const APP_BY_NAME: Query = Query {
+    name: "app_by_name",
+    sql: "SELECT id, org_id, name, created_at, release_count FROM apps WHERE name = $1",
+};
+pub(crate) const APPS_ALL: Query = Query {
+    name: "apps",
+    sql: "SELECT id, org_id, name, created_at, release_count FROM apps ORDER BY name",
+};
+pub(crate) const APPS_OF_ORG: Query = Query {
+    name: "apps",
+    sql: "SELECT id, org_id, name, created_at, release_count FROM apps WHERE org_id = $1 ORDER BY name",
+};
+pub(crate) const RELEASES_OF_APP: Query = Query {
+    name: "releases",
+    sql: "SELECT id, app_id, version, image_input, image, manifest, manifest_source, state, reason, created_at, updated_at FROM releases WHERE app_id = $1 ORDER BY version",
+};
+pub(crate) const RELEASES_IN_STATE: Query = Query {
+    name: "releases_in_state",
+    sql: "SELECT id, app_id, version, image_input, image, manifest, manifest_source, state, reason, created_at, updated_at FROM releases WHERE state = $1 ORDER BY app_id, version",
+};
+pub(crate) const RELEASE: Query = Query {
+    name: "release",
+    sql: "SELECT id, app_id, version, image_input, image, manifest, manifest_source, state, reason, created_at, updated_at FROM releases WHERE app_id = $1 AND version = $2",
+};
+pub(crate) const HOSTS: Query = Query {
+    name: "hosts",
+    sql: "SELECT id, name, idx, driver, cpu, memory, registered_at, last_registered_at FROM hosts ORDER BY idx",
+};
+pub(crate) const INSTANCES_ALL: Query = Query {
+    name: "instances",
+    sql: "SELECT id, app_id, release_id, release_version, host_id, spec, state, reason, desired_running, created_at, updated_at FROM instances ORDER BY created_at, id",
+};
+pub(crate) const INSTANCES_OF_APP: Query = Query {
+    name: "instances_of_app",
+    sql: "SELECT id, app_id, release_id, release_version, host_id, spec, state, reason, desired_running, created_at, updated_at FROM instances WHERE app_id = $1 ORDER BY created_at, id",
+};
+pub(crate) const INSTANCES_ON_HOST: Query = Query {
+    name: "instances_on_host",
+    sql: "SELECT id, app_id, release_id, release_version, host_id, spec, state, reason, desired_running, created_at, updated_at FROM instances WHERE host_id = $1 ORDER BY created_at, id",
+};
+pub(crate) const INSTANCE: Query = Query {
+    name: "instance",
+    sql: "SELECT id, app_id, release_id, release_version, host_id, spec, state, reason, desired_running, created_at, updated_at FROM instances WHERE id = $1",
+};
+
+pub(crate) const ALLOCATIONS: Query = Query {
+    name: "edge_allocations",
+    sql: "SELECT address, port, app_id, allocated_at FROM edge_allocations ORDER BY address, port",
+};
+
+fn parse<T: std::str::FromStr>(s: &str) -> Option<T> {
+    s.parse().ok()
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
+    serde_json::from_str(s).ok()
+}
+
+pub(crate) fn token_row(r: &dyn Cols) -> Result<TokenRow, DbError> {
+    Ok(TokenRow {
+        id: parsed(r, 0, parse)?,
+        org_id: parsed(r, 1, parse)?,
+        name: r.text(2)?,
+        scopes: parsed(r, 3, from_json)?,
+        expires_at: r.opt_int(4)?,
     })
 }
 
-fn json_col<T: serde::de::DeserializeOwned>(r: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
-    parse_col(r, idx, |s| serde_json::from_str(s))
+pub(crate) fn count_row(r: &dyn Cols) -> Result<u64, DbError> {
+    r.uint(0)
 }
 
-fn enum_col<T>(r: &Row<'_>, idx: usize, f: fn(&str) -> Option<T>) -> rusqlite::Result<T> {
-    let s: String = r.get(idx)?;
-    f(&s).ok_or_else(|| rusqlite::Error::InvalidColumnType(idx, s, rusqlite::types::Type::Text))
-}
-
-fn q(query: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Query { query, source }
-}
-
-pub(crate) fn token_by_hash(c: &Connection, hash: &str) -> Result<Option<TokenRow>, StoreError> {
-    c.query_row(
-        "SELECT id, org_id, name, scopes, expires_at FROM tokens WHERE hash = ?1",
-        params![hash],
-        |r| {
-            Ok(TokenRow {
-                id: parse_col(r, 0, str::parse)?,
-                org_id: parse_col(r, 1, str::parse)?,
-                name: r.get(2)?,
-                scopes: json_col(r, 3)?,
-                expires_at: r.get(4)?,
-            })
-        },
-    )
-    .optional()
-    .map_err(q("token_by_hash"))
-}
-
-pub(crate) fn orgs_count(c: &Connection) -> Result<u64, StoreError> {
-    c.query_row("SELECT COUNT(*) FROM orgs", [], |r| r.get(0))
-        .map_err(q("orgs_count"))
-}
-
-const APP_COLS: &str = "SELECT id, org_id, name, created_at, release_count FROM apps";
-
-fn app_row(r: &Row<'_>) -> rusqlite::Result<AppRow> {
+pub(crate) fn app_row(r: &dyn Cols) -> Result<AppRow, DbError> {
     Ok(AppRow {
-        id: parse_col(r, 0, str::parse)?,
-        org_id: parse_col(r, 1, str::parse)?,
-        name: parse_col(r, 2, str::parse)?,
-        created_at: r.get(3)?,
-        release_count: r.get(4)?,
+        id: parsed(r, 0, parse)?,
+        org_id: parsed(r, 1, parse)?,
+        name: parsed(r, 2, parse)?,
+        created_at: r.int(3)?,
+        release_count: r.uint(4)?,
     })
 }
 
-pub(crate) fn app_by_name(c: &Connection, name: &str) -> Result<Option<AppRow>, StoreError> {
-    c.query_row(
-        &format!("{APP_COLS} WHERE name = ?1"),
-        params![name],
-        app_row,
-    )
-    .optional()
-    .map_err(q("app_by_name"))
-}
-
-pub(crate) fn apps(c: &Connection, org: Option<&OrgId>) -> Result<Vec<AppRow>, StoreError> {
-    let mut stmt = c
-        .prepare(&format!(
-            "{APP_COLS} WHERE (?1 IS NULL OR org_id = ?1) ORDER BY name"
-        ))
-        .map_err(q("apps"))?;
-    let rows = stmt
-        .query_map(params![org.map(OrgId::as_str)], app_row)
-        .map_err(q("apps"))?;
-    rows.collect::<Result<_, _>>().map_err(q("apps"))
-}
-
-const RELEASE_COLS: &str = "SELECT id, app_id, version, image_input, image, manifest, manifest_source, state, reason, created_at, updated_at FROM releases";
-
-fn release_row(r: &Row<'_>) -> rusqlite::Result<ReleaseRow> {
+pub(crate) fn release_row(r: &dyn Cols) -> Result<ReleaseRow, DbError> {
     Ok(ReleaseRow {
-        id: parse_col(r, 0, str::parse)?,
-        app_id: parse_col(r, 1, str::parse)?,
-        version: r.get(2)?,
-        image_input: r.get(3)?,
-        image: json_col(r, 4)?,
-        manifest: json_col(r, 5)?,
-        manifest_source: r.get(6)?,
-        state: enum_col(r, 7, ReleaseState::parse)?,
-        reason: r.get(8)?,
-        created_at: r.get(9)?,
-        updated_at: r.get(10)?,
+        id: parsed(r, 0, parse)?,
+        app_id: parsed(r, 1, parse)?,
+        version: r.uint(2)?,
+        image_input: r.text(3)?,
+        image: parsed(r, 4, from_json)?,
+        manifest: parsed(r, 5, from_json)?,
+        manifest_source: r.text(6)?,
+        state: parsed(r, 7, ReleaseState::parse)?,
+        reason: r.opt_text(8)?,
+        created_at: r.int(9)?,
+        updated_at: r.int(10)?,
     })
 }
 
-pub(crate) fn releases(
-    c: &Connection,
-    app: Option<&AppId>,
-    state: Option<ReleaseState>,
-) -> Result<Vec<ReleaseRow>, StoreError> {
-    let mut stmt = c
-        .prepare(&format!(
-            "{RELEASE_COLS} WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY app_id, version"
-        ))
-        .map_err(q("releases"))?;
-    let rows = stmt
-        .query_map(
-            params![app.map(AppId::as_str), state.map(ReleaseState::as_str)],
-            release_row,
-        )
-        .map_err(q("releases"))?;
-    rows.collect::<Result<_, _>>().map_err(q("releases"))
+pub(crate) fn host_row(r: &dyn Cols) -> Result<HostRow, DbError> {
+    let index = r.int(2)?;
+    let cpu = r.int(4)?;
+    Ok(HostRow {
+        id: parsed(r, 0, parse)?,
+        name: r.text(1)?,
+        index: u16::try_from(index).map_err(|_| DbError::Column {
+            column: 2,
+            value: index.to_string(),
+        })?,
+        driver: r.text(3)?,
+        cpu: MilliCpu(u32::try_from(cpu).map_err(|_| DbError::Column {
+            column: 4,
+            value: cpu.to_string(),
+        })?),
+        memory: MiB(r.uint(5)?),
+        registered_at: r.int(6)?,
+        last_registered_at: r.int(7)?,
+    })
 }
 
-pub(crate) fn release(
-    c: &Connection,
-    app: &AppId,
-    version: u64,
-) -> Result<Option<ReleaseRow>, StoreError> {
-    c.query_row(
-        &format!("{RELEASE_COLS} WHERE app_id = ?1 AND version = ?2"),
-        params![app.as_str(), version],
-        release_row,
-    )
-    .optional()
-    .map_err(q("release"))
+pub(crate) fn instance_row(r: &dyn Cols) -> Result<InstanceRow, DbError> {
+    Ok(InstanceRow {
+        id: parsed(r, 0, parse)?,
+        app_id: parsed(r, 1, parse)?,
+        release_id: parsed(r, 2, parse)?,
+        release_version: r.uint(3)?,
+        host_id: parsed(r, 4, parse)?,
+        spec: parsed(r, 5, from_json)?,
+        state: parsed(r, 6, InstanceState::parse)?,
+        reason: r.opt_text(7)?,
+        desired_running: r.boolean(8)?,
+        created_at: r.int(9)?,
+        updated_at: r.int(10)?,
+    })
 }
 
-pub(crate) fn hosts(c: &Connection) -> Result<Vec<HostRow>, StoreError> {
-    let mut stmt = c
-        .prepare("SELECT id, name, idx, driver, cpu, memory, registered_at FROM hosts ORDER BY idx")
-        .map_err(q("hosts"))?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(HostRow {
-                id: parse_col(r, 0, str::parse)?,
-                name: r.get(1)?,
-                index: r.get(2)?,
-                driver: r.get(3)?,
-                cpu: MilliCpu(r.get(4)?),
-                memory: MiB(r.get(5)?),
-                registered_at: r.get(6)?,
-            })
-        })
-        .map_err(q("hosts"))?;
-    rows.collect::<Result<_, _>>().map_err(q("hosts"))
-}
-
-pub(crate) fn instances(
-    c: &Connection,
-    app: Option<&AppId>,
-    host: Option<&HostId>,
-    id: Option<&InstanceId>,
-) -> Result<Vec<InstanceRow>, StoreError> {
-    let mut stmt = c
-        .prepare(
-            "SELECT id, app_id, release_id, release_version, host_id, spec, state, reason, desired_running, created_at, updated_at
-             FROM instances WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR host_id = ?2) AND (?3 IS NULL OR id = ?3)
-             ORDER BY created_at, id",
-        )
-        .map_err(q("instances"))?;
-    let rows = stmt
-        .query_map(
-            params![
-                app.map(AppId::as_str),
-                host.map(HostId::as_str),
-                id.map(InstanceId::as_str)
-            ],
-            |r| {
-                Ok(InstanceRow {
-                    id: parse_col(r, 0, str::parse)?,
-                    app_id: parse_col(r, 1, str::parse)?,
-                    release_id: parse_col(r, 2, str::parse)?,
-                    release_version: r.get(3)?,
-                    host_id: parse_col(r, 4, str::parse)?,
-                    spec: json_col(r, 5)?,
-                    state: enum_col(r, 6, InstanceState::parse)?,
-                    reason: r.get(7)?,
-                    desired_running: r.get(8)?,
-                    created_at: r.get(9)?,
-                    updated_at: r.get(10)?,
-                })
-            },
-        )
-        .map_err(q("instances"))?;
-    rows.collect::<Result<_, _>>().map_err(q("instances"))
+pub(crate) fn allocation_row(r: &dyn Cols) -> Result<AllocationRow, DbError> {
+    let address = r.text(0)?;
+    let port = r.int(1)?;
+    let bad = |column: usize, value: String| DbError::Column { column, value };
+    let allocation = if address == SHARED_ADDRESS {
+        Allocation::SharedPort(u16::try_from(port).map_err(|_| bad(1, port.to_string()))?)
+    } else {
+        Allocation::DedicatedIpv4(address.parse().map_err(|_| bad(0, address.clone()))?)
+    };
+    Ok(AllocationRow {
+        allocation,
+        app_id: parsed(r, 2, parse)?,
+        allocated_at: r.int(3)?,
+    })
 }

@@ -6,6 +6,7 @@
 //! - [`image`]: deterministic OCI images built in Rust (tar + gzip + config + manifest), verified
 //!   after building, and pushed with the plain distribution API;
 //! - [`example`]: the static `examples/hello-tls` binary and an image around it.
+//! - [`postgres`]: a throwaway PostgreSQL cluster (`initdb` + `pg_ctl`) in a temp dir;
 //! - [`dev`]: the real binaries (`kilnd dev`, the `kiln` CLI) run as child processes.
 //!
 //! It is a dev-dependency of other crates only (DESIGN: "kiln-testkit is a dev-dependency only");
@@ -16,6 +17,7 @@ pub mod bench;
 pub mod dev;
 pub mod example;
 pub mod image;
+pub mod postgres;
 pub mod registry;
 
 pub use example::{build_hello_tls, build_static, hello_tls_image, StaticBinaries};

@@ -143,7 +143,11 @@ pub enum Event {
         /// The host's index in the overlay address plan.
         index: u16,
         driver: Driver,
+        /// Stored as `cpu_millis` since schema version 2 (version 1 said `cpu`).
+        #[serde(rename = "cpu_millis")]
         cpu: MilliCpu,
+        /// Stored as `memory_mib` since schema version 2 (version 1 said `memory`).
+        #[serde(rename = "memory_mib")]
         memory: MiB,
     },
     InstancePlaced {
@@ -162,6 +166,26 @@ pub enum Event {
         app_id: AppId,
         reason: String,
     },
+    /// A public port of the edges' shared addresses now belongs to the app (a `tcp` service's
+    /// `ports`): every edge routes it, on every shared address, to the app.
+    PortAllocated {
+        app_id: AppId,
+        port: u16,
+    },
+    PortReleased {
+        app_id: AppId,
+        port: u16,
+    },
+    /// A dedicated IPv4 address now belongs to the app (the paid add-on): every port of it routes
+    /// to the app and to no one else.
+    Ipv4Allocated {
+        app_id: AppId,
+        address: std::net::Ipv4Addr,
+    },
+    Ipv4Released {
+        app_id: AppId,
+        address: std::net::Ipv4Addr,
+    },
 }
 
 impl Event {
@@ -176,10 +200,74 @@ impl Event {
         "instance_placed",
         "instance_state_changed",
         "instance_stop_requested",
+        "port_allocated",
+        "port_released",
+        "ipv4_allocated",
+        "ipv4_released",
     ];
 
-    /// The schema version of this build's payloads, per type.
-    pub const SCHEMA_VERSION: u32 = 1;
+    /// The payload schema version this build writes for an event type (`None` for a type it does
+    /// not know). A type's version goes up when its payload changes shape; [`Event::decode`]
+    /// upcasts older payloads through [`UPCASTERS`].
+    pub fn current_schema_version(type_name: &str) -> Option<u32> {
+        if !Self::CATALOG.contains(&type_name) {
+            return None;
+        }
+        Some(
+            UPCASTERS
+                .iter()
+                .filter(|u| u.event_type == type_name)
+                .map(|u| u.from_version + 1)
+                .max()
+                .unwrap_or(1),
+        )
+    }
+
+    /// The schema version this build writes for this event's payload.
+    pub fn schema_version(&self) -> u32 {
+        Self::current_schema_version(self.type_name()).unwrap_or(1)
+    }
+
+    /// Decodes a stored payload written with `schema_version`, upcasting it step by step to the
+    /// current version first. Total: unknown types, versions from the future and malformed payloads
+    /// are errors, never panics.
+    pub fn decode(
+        type_name: &str,
+        schema_version: u32,
+        payload: serde_json::Value,
+    ) -> Result<Self, DecodeError> {
+        let current =
+            Self::current_schema_version(type_name).ok_or_else(|| DecodeError::UnknownType {
+                event_type: type_name.to_owned(),
+            })?;
+        if schema_version == 0 || schema_version > current {
+            return Err(DecodeError::UnsupportedVersion {
+                event_type: type_name.to_owned(),
+                version: schema_version,
+                current,
+            });
+        }
+        let mut payload = payload;
+        for version in schema_version..current {
+            let step = UPCASTERS
+                .iter()
+                .find(|u| u.event_type == type_name && u.from_version == version)
+                .ok_or_else(|| DecodeError::MissingUpcaster {
+                    event_type: type_name.to_owned(),
+                    version,
+                })?;
+            payload = (step.upcast)(payload).map_err(|reason| DecodeError::Upcast {
+                event_type: type_name.to_owned(),
+                version,
+                reason,
+            })?;
+        }
+        Self::from_parts(type_name, payload).map_err(|source| DecodeError::Malformed {
+            event_type: type_name.to_owned(),
+            version: current,
+            source,
+        })
+    }
 
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -192,6 +280,10 @@ impl Event {
             Self::InstancePlaced { .. } => "instance_placed",
             Self::InstanceStateChanged { .. } => "instance_state_changed",
             Self::InstanceStopRequested { .. } => "instance_stop_requested",
+            Self::PortAllocated { .. } => "port_allocated",
+            Self::PortReleased { .. } => "port_released",
+            Self::Ipv4Allocated { .. } => "ipv4_allocated",
+            Self::Ipv4Released { .. } => "ipv4_released",
         }
     }
 
@@ -203,7 +295,11 @@ impl Event {
             }
             Self::AppCreated { app_id, .. }
             | Self::ReleaseCreated { app_id, .. }
-            | Self::ReleaseStateChanged { app_id, .. } => (StreamType::App, app_id.to_string()),
+            | Self::ReleaseStateChanged { app_id, .. }
+            | Self::PortAllocated { app_id, .. }
+            | Self::PortReleased { app_id, .. }
+            | Self::Ipv4Allocated { app_id, .. }
+            | Self::Ipv4Released { app_id, .. } => (StreamType::App, app_id.to_string()),
             Self::HostRegistered { host_id, .. } => (StreamType::Host, host_id.to_string()),
             Self::InstancePlaced { spec, .. } => {
                 (StreamType::Instance, spec.instance_id.to_string())
@@ -232,6 +328,70 @@ impl Event {
     }
 }
 
+/// One step of payload evolution: turns a payload of `event_type` at `from_version` into the
+/// same event at `from_version + 1`. Steps are pure JSON rewrites, so the log is never rewritten:
+/// old rows are upcast every time they are read.
+pub struct Upcaster {
+    pub event_type: &'static str,
+    pub from_version: u32,
+    pub upcast: fn(serde_json::Value) -> Result<serde_json::Value, String>,
+}
+
+/// Every upcasting step, for every event type whose payload has changed shape. Append only: a
+/// shipped step is never edited, because logs written by old builds depend on it.
+pub const UPCASTERS: &[Upcaster] = &[Upcaster {
+    event_type: "host_registered",
+    from_version: 1,
+    upcast: |v| rename_fields(v, &[("cpu", "cpu_millis"), ("memory", "memory_mib")]),
+}];
+
+/// Renames object keys (missing keys are an error: a version-1 payload always had them).
+fn rename_fields(
+    v: serde_json::Value,
+    renames: &[(&str, &str)],
+) -> Result<serde_json::Value, String> {
+    let serde_json::Value::Object(mut map) = v else {
+        return Err("payload is not a JSON object".into());
+    };
+    for (from, to) in renames {
+        let value = map
+            .remove(*from)
+            .ok_or_else(|| format!("field {from:?} is missing"))?;
+        map.insert((*to).to_owned(), value);
+    }
+    Ok(serde_json::Value::Object(map))
+}
+
+/// A stored event could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown event type {event_type:?}")]
+    UnknownType { event_type: String },
+    #[error(
+        "{event_type} schema version {version} is not supported (this build knows 1 to {current})"
+    )]
+    UnsupportedVersion {
+        event_type: String,
+        version: u32,
+        current: u32,
+    },
+    #[error("no upcaster for {event_type} from schema version {version}")]
+    MissingUpcaster { event_type: String, version: u32 },
+    #[error("cannot upcast {event_type} from schema version {version}: {reason}")]
+    Upcast {
+        event_type: String,
+        version: u32,
+        reason: String,
+    },
+    #[error("{event_type} payload does not match schema version {version}")]
+    Malformed {
+        event_type: String,
+        version: u32,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +409,54 @@ mod tests {
         assert_eq!(Event::from_parts(t, data).unwrap(), ev);
         assert!(Event::from_parts("no_such_event", serde_json::json!({})).is_err());
         assert!(Event::from_parts("app_created", serde_json::json!({"app_id": 3})).is_err());
+    }
+
+    #[test]
+    fn host_registered_v1_is_upcast_and_v2_is_written() {
+        let host_id = HostId::generate();
+        let v1 = serde_json::json!({
+            "host_id": host_id, "name": "h1", "index": 3, "driver": "runc",
+            "cpu": 2000, "memory": 4096,
+        });
+        let ev = Event::decode("host_registered", 1, v1.clone()).unwrap();
+        let Event::HostRegistered { cpu, memory, .. } = &ev else {
+            panic!("decoded {ev:?}")
+        };
+        assert_eq!((*cpu, *memory), (MilliCpu(2000), MiB(4096)));
+        assert_eq!(ev.schema_version(), 2);
+        let (_, v2) = ev.to_parts();
+        assert_eq!(v2["cpu_millis"], 2000);
+        assert_eq!(v2["memory_mib"], 4096);
+        assert_eq!(Event::decode("host_registered", 2, v2).unwrap(), ev);
+        // A v1 payload read as v2 is malformed, not silently accepted.
+        assert!(matches!(
+            Event::decode("host_registered", 2, v1),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn decode_is_total() {
+        assert!(matches!(
+            Event::decode("no_such_event", 1, serde_json::json!({})),
+            Err(DecodeError::UnknownType { .. })
+        ));
+        for bad_version in [0, 3, u32::MAX] {
+            assert!(matches!(
+                Event::decode("host_registered", bad_version, serde_json::json!({})),
+                Err(DecodeError::UnsupportedVersion { .. })
+            ));
+        }
+        assert!(matches!(
+            Event::decode("host_registered", 1, serde_json::json!([1, 2])),
+            Err(DecodeError::Upcast { .. })
+        ));
+        assert!(matches!(
+            Event::decode("org_created", 1, serde_json::json!("x")),
+            Err(DecodeError::Malformed { .. })
+        ));
+        for t in Event::CATALOG {
+            assert!(Event::current_schema_version(t).is_some(), "{t}");
+        }
     }
 }

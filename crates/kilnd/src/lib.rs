@@ -488,7 +488,11 @@ pub enum ViewsCommand {
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreArgs {
     /// State directory holding the SQLite store (`DIR/kiln.db`).
-    #[arg(long, conflicts_with = "database_url", required_unless_present = "database_url")]
+    #[arg(
+        long,
+        conflicts_with = "database_url",
+        required_unless_present = "database_url"
+    )]
     pub data_dir: Option<PathBuf>,
     /// Postgres connection URL (`postgres://user@host:port/db`).
     #[arg(long, env = "KILN_DATABASE_URL")]

@@ -2,3 +2,5 @@
 //! Each prints what it measured and ends with `key=value` lines of its figures.
 
 pub mod deploy;
+pub mod edge;
+pub mod store;

@@ -7,6 +7,8 @@ async fn main() -> Result<()> {
     let name = std::env::args().nth(1).unwrap_or_default();
     match name.as_str() {
         "deploy" => kiln_testkit::bench::deploy::run().await,
-        other => bail!("unknown benchmark {other:?}; available: deploy"),
+        "edge" => kiln_testkit::bench::edge::run().await,
+        "store" => kiln_testkit::bench::store::run().await,
+        other => bail!("unknown benchmark {other:?}; available: deploy, edge, store"),
     }
 }
