@@ -187,7 +187,7 @@ impl Instance {
             self.dir.join("upper").display(),
             self.dir.join("work").display()
         );
-        run_cmd(
+        netlink::run(
             "mount",
             &[
                 "-t",
@@ -197,6 +197,7 @@ impl Instance {
                 &opts,
                 &rootfs.display().to_string(),
             ],
+            None,
         )
         .await?;
 
@@ -284,11 +285,11 @@ impl Instance {
         agent.runc.delete(self.id.as_str()).await;
         let rootfs = self.dir.join("rootfs");
         if is_mountpoint(&rootfs).await
-            && run_cmd("umount", &[&rootfs.display().to_string()])
+            && netlink::run("umount", &[&rootfs.display().to_string()], None)
                 .await
                 .is_err()
         {
-            let _ = run_cmd("umount", &["-l", &rootfs.display().to_string()]).await;
+            let _ = netlink::run("umount", &["-l", &rootfs.display().to_string()], None).await;
         }
         netlink::delete(&self.netns, &self.host_if).await;
         if let Err(e) = tokio::fs::remove_dir_all(&self.dir).await {
@@ -318,26 +319,6 @@ async fn is_mountpoint(path: &Path) -> bool {
     mounts
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
-}
-
-async fn run_cmd(program: &str, args: &[&str]) -> Result<(), AgentError> {
-    let command = format!("{program} {}", args.join(" "));
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|source| AgentError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(AgentError::Command {
-            command,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
 }
 
 /// Resolves what kiln-init runs: image config merged with the WorkloadSpec (Docker semantics: an

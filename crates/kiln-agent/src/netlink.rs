@@ -1,4 +1,5 @@
-//! Host networking for instances, through iproute2.
+//! Host networking for instances, through iproute2 (and [`run`], the agent's one way to run a
+//! host command).
 //!
 //! Each instance gets its own network namespace joined to the host by a veth pair:
 //! - host side `kv<id>`: link-local `fe80::1` and a /128 route to the instance's address;
@@ -22,11 +23,25 @@ pub(crate) const HOST_INTERFACE: &str = "kiln0";
 /// The host side's link-local address on every instance link: the instances' default gateway.
 pub(crate) const GATEWAY: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
+/// Runs `ip ARGS`, feeding `batch` on stdin (for `ip -batch -`).
 async fn ip(args: &[&str], batch: Option<&str>) -> Result<(), AgentError> {
-    let command = format!("ip {}", args.join(" "));
-    let mut child = Command::new("ip")
+    run("ip", args, batch).await
+}
+
+/// Runs a host command to completion; a non-zero exit is an error carrying its stderr.
+pub(crate) async fn run(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<(), AgentError> {
+    let command = format!("{program} {}", args.join(" "));
+    let spawn_err = |source| AgentError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    let mut child = Command::new(program)
         .args(args)
-        .stdin(if batch.is_some() {
+        .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -34,26 +49,11 @@ async fn ip(args: &[&str], batch: Option<&str>) -> Result<(), AgentError> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| AgentError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if let (Some(b), Some(mut stdin)) = (batch, child.stdin.take()) {
-        stdin
-            .write_all(b.as_bytes())
-            .await
-            .map_err(|source| AgentError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+        .map_err(spawn_err)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).await.map_err(spawn_err)?;
     }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|source| AgentError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+    let out = child.wait_with_output().await.map_err(spawn_err)?;
     if !out.status.success() {
         return Err(AgentError::Command {
             command,
