@@ -96,17 +96,18 @@ impl BlobStore {
             .root
             .join("tmp")
             .join(format!("{hex}.{}.{n}.partial", std::process::id()));
-        let file = tokio::fs::OpenOptions::new()
+        // Opened synchronously (one local syscall): `tokio::fs` would run it on the blocking pool,
+        // and a pull cancelled while that open is in flight would leave a file no writer owns.
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&temp)
-            .await
             .map_err(|source| OciError::BlobWrite {
                 path: temp.clone(),
                 source,
             })?;
         Ok(BlobWriter {
-            file: Some(file),
+            file: Some(tokio::fs::File::from_std(file)),
             temp,
             dest: self.path(digest),
             digest: digest.to_owned(),
