@@ -79,7 +79,7 @@ impl Guest {
         })
     }
 
-    async fn send(&self, frame: Frame) -> bool {
+    pub(crate) async fn send(&self, frame: Frame) -> bool {
         let tx = lock(&self.writer).clone();
         match tx {
             Some(tx) => tx.send(frame.to_bytes()).await.is_ok(),
@@ -160,7 +160,8 @@ impl Guest {
             )
             .await;
         *lock(&self.writer) = Some(tx);
-        self.connected.send_replace(true);
+        // `connected` turns true on the guest's Hello, not here: a VM's serial socket accepts the
+        // connection long before kiln-init opens its end.
         let writer = async move {
             while let Some(bytes) = rx.recv().await {
                 if wr.write_all(&bytes).await.is_err() {
@@ -198,6 +199,9 @@ impl Guest {
 
     fn dispatch(&self, frame: Frame, lines: &mut LineSplitter, logs: &mpsc::Sender<LogRecord>) {
         match frame {
+            Frame::Hello { .. } => {
+                self.connected.send_replace(true);
+            }
             Frame::Log {
                 output,
                 ts_ms,
@@ -232,8 +236,7 @@ impl Guest {
                     }
                 }
             }
-            Frame::Hello { .. }
-            | Frame::ExecStart { .. }
+            Frame::ExecStart { .. }
             | Frame::Stdin { .. }
             | Frame::StdinClose { .. }
             | Frame::Resize { .. }

@@ -15,8 +15,11 @@ use tokio::sync::watch;
 use kiln_types::guest::RunConfig;
 use kiln_types::{InstanceId, InstanceState, WorkloadSpec};
 
+use kiln_types::frame::Frame;
+
 use crate::guest::Guest;
 use crate::image::PreparedImage;
+use crate::runtime::qemu::{Qemu, VmPaths};
 use crate::{error_chain, netlink, Agent, AgentError};
 
 /// Checks run at this pace until the instance first turns healthy, so deploys finish quickly.
@@ -72,8 +75,7 @@ impl Instance {
             agent.report(&id, InstanceState::Stopped, None).await;
             return;
         }
-        let adopted =
-            matches!(agent.runc.state(id.as_str()).await, Some(s) if s.status == "running");
+        let adopted = self.is_running(&agent).await;
         if adopted {
             tracing::info!(instance_id = %id, "adopted running instance");
         } else {
@@ -102,10 +104,8 @@ impl Instance {
             if *stop_rx.borrow_and_update() {
                 break;
             }
-            let running =
-                matches!(agent.runc.state(id.as_str()).await, Some(s) if s.status == "running");
-            if !running {
-                let reason = self.exit_reason().await;
+            if !self.is_running(&agent).await {
+                let reason = self.exit_reason(&agent).await;
                 tracing::warn!(instance_id = %id, reason = %reason, "instance exited");
                 self.teardown(&agent).await;
                 agent.report(&id, InstanceState::Failed, Some(reason)).await;
@@ -180,6 +180,16 @@ impl Instance {
         // After spec.json: from here on the image counts as in use for cache collection.
         let image = agent.images.prepare(&self.spec.image).await?;
 
+        if let Some(qemu) = &agent.qemu {
+            let root = qemu
+                .root_image(&image.rootfs, &agent.config.init_binary)
+                .await?;
+            let run = run_config(&self.spec, &image, &image.rootfs).await?;
+            return qemu
+                .start(&self.vm_paths(), &root, &self.spec, &run, &self.host_if)
+                .await;
+        }
+
         let rootfs = self.dir.join("rootfs");
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
@@ -238,16 +248,36 @@ impl Instance {
             .await
     }
 
-    async fn exit_reason(&self) -> String {
-        let status = tokio::fs::read(self.dir.join("rootfs/.kiln/exit.json"))
-            .await
-            .ok();
-        let mut reason =
-            match status.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
-                Some(v) if v["signal"].is_number() => format!("killed by signal {}", v["signal"]),
-                Some(v) => format!("exited with code {}", v["code"]),
-                None => "exited".to_owned(),
-            };
+    fn vm_paths(&self) -> VmPaths {
+        VmPaths {
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Whether the instance's runtime still runs it (container or VM).
+    async fn is_running(&self, agent: &Agent) -> bool {
+        match &agent.qemu {
+            Some(qemu) => qemu.pid(&self.vm_paths()).await.is_some(),
+            None => {
+                matches!(agent.runc.state(self.id.as_str()).await, Some(s) if s.status == "running")
+            }
+        }
+    }
+
+    async fn exit_reason(&self, agent: &Agent) -> String {
+        let status = if agent.qemu.is_some() {
+            Qemu::exit_record(&self.vm_paths()).await
+        } else {
+            tokio::fs::read(self.dir.join("rootfs/.kiln/exit.json"))
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        };
+        let mut reason = match status {
+            Some(v) if v["signal"].is_number() => format!("killed by signal {}", v["signal"]),
+            Some(v) => format!("exited with code {}", v["code"]),
+            None => "exited".to_owned(),
+        };
         let log = tokio::fs::read_to_string(self.dir.join("log"))
             .await
             .unwrap_or_default();
@@ -261,6 +291,9 @@ impl Instance {
     }
 
     async fn stop(&self, agent: &Agent) {
+        if let Some(qemu) = &agent.qemu {
+            return self.stop_vm(qemu).await;
+        }
         let id = self.id.as_str();
         if agent.runc.kill(id, &self.spec.stop.signal).await.is_err() {
             return;
@@ -279,10 +312,57 @@ impl Instance {
         let _ = agent.runc.kill(id, "SIGKILL").await;
     }
 
+    /// Stops a VM the way runc stops a container: the stop request goes to kiln-init (over the
+    /// guest channel, stream 0), which signals the app, waits its stop timeout, records the exit
+    /// and powers off; a VM still running after that (or with no channel) is killed.
+    async fn stop_vm(&self, qemu: &Qemu) {
+        let paths = self.vm_paths();
+        if qemu.pid(&paths).await.is_none() {
+            return;
+        }
+        let asked = self
+            .guest
+            .send(Frame::Signal {
+                stream: 0,
+                signal: libc::SIGTERM,
+            })
+            .await;
+        if asked {
+            // kiln-init's own deadline, plus time to record the exit and power off.
+            let deadline = tokio::time::Instant::now()
+                + Duration::from_millis(self.spec.stop.timeout_ms)
+                + Duration::from_secs(3);
+            while tokio::time::Instant::now() < deadline {
+                if qemu.pid(&paths).await.is_none() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tracing::warn!(instance_id = %self.id, "VM did not power off after its stop request; killing");
+        }
+        self.kill_vm(qemu).await;
+    }
+
+    async fn kill_vm(&self, qemu: &Qemu) {
+        let paths = self.vm_paths();
+        if let Some(pid) = qemu.pid(&paths).await {
+            Qemu::kill(pid, libc::SIGKILL);
+            for _ in 0..100 {
+                if qemu.pid(&paths).await.is_none() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
     /// Removes everything the instance had on the host. Safe to call on a half-started instance.
     async fn teardown(&self, agent: &Agent) {
         self.guest_stop.send_replace(true);
-        agent.runc.delete(self.id.as_str()).await;
+        match &agent.qemu {
+            Some(qemu) => self.kill_vm(qemu).await,
+            None => agent.runc.delete(self.id.as_str()).await,
+        }
         let rootfs = self.dir.join("rootfs");
         if is_mountpoint(&rootfs).await
             && netlink::run("umount", &[&rootfs.display().to_string()], None)

@@ -64,6 +64,8 @@ pub struct AgentConfig {
     /// Size budget of the image cache (unpacked trees + blobs); unused images beyond it are
     /// evicted, least recently used first, whenever an instance is torn down.
     pub image_cache_bytes: u64,
+    /// Run instances as QEMU microVMs instead of runc containers.
+    pub qemu: Option<runtime::qemu::QemuConfig>,
 }
 
 /// A running agent.
@@ -73,6 +75,8 @@ pub struct Agent {
     pub(crate) host_id: HostId,
     pub(crate) images: image::ImageCache,
     pub(crate) runc: runc::Runc,
+    /// The VM driver, when this host runs instances as QEMU microVMs.
+    pub(crate) qemu: Option<runtime::qemu::Qemu>,
     pub(crate) instances: Mutex<HashMap<InstanceId, Arc<instance::Instance>>>,
     /// Log lines from every instance, toward the shipper.
     pub(crate) logs_tx: mpsc::Sender<LogRecord>,
@@ -94,7 +98,11 @@ impl Agent {
         let reg = client
             .register_host(&RegisterHost {
                 name: config.host_name.clone(),
-                driver: Driver::Runc,
+                driver: if config.qemu.is_some() {
+                    Driver::Qemu
+                } else {
+                    Driver::Runc
+                },
                 cpu: config.cpu,
                 memory: config.memory,
             })
@@ -111,6 +119,7 @@ impl Agent {
                 binary: config.runc.clone(),
                 root: config.data_dir.join("runc"),
             },
+            qemu: config.qemu.clone().map(runtime::qemu::Qemu::new),
             config,
             client,
             host_id: reg.host_id,

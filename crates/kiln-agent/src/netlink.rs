@@ -104,6 +104,19 @@ pub(crate) async fn create(netns: &str, host_if: &str, addr: Ipv6Addr) -> Result
     Ok(())
 }
 
+/// Creates the tap device of a VM instance with address `addr`: the same host side as a veth
+/// (gateway `fe80::1`, a /128 route), the guest side being the VM's virtio-net interface.
+pub(crate) async fn create_tap(tap: &str, addr: Ipv6Addr) -> Result<(), AgentError> {
+    let _ = ip(&["link", "del", tap], None).await;
+    let host_side = format!(
+        "tuntap add dev {tap} mode tap\n\
+         link set {tap} up\n\
+         addr add fe80::1/64 dev {tap} nodad\n\
+         route replace {addr}/128 dev {tap}\n"
+    );
+    ip(&["-batch", "-"], Some(&host_side)).await
+}
+
 /// Removes an instance's veth pair and namespace; missing pieces are not an error.
 pub(crate) async fn delete(netns: &str, host_if: &str) {
     let _ = ip(&["link", "del", host_if], None).await;

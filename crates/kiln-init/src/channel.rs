@@ -1,7 +1,8 @@
 //! The guest side of the guest channel: one agent connection at a time.
 //!
-//! kiln-init listens on a Unix socket (under runc; a VM transport would hand it a connected
-//! stream the same way) and serves the agent that connects: it sends `Hello`, then every log
+//! Under runc kiln-init listens on a Unix socket; in a VM it serves the virtio-serial port, one
+//! byte stream that the host connects to and disconnects from (see [`crate::vm::Port`]). Either
+//! way it serves the agent that connects: it sends `Hello`, then every log
 //! record, and dispatches the agent's exec frames to [`crate::exec`]. A newer connection replaces
 //! the older one (an agent restart reconnects). Log records produced while no agent is connected
 //! wait in a bounded backlog; past its size the oldest are dropped and counted, so a disconnected
@@ -29,9 +30,31 @@ struct Backlog {
     dropped: u64,
 }
 
+/// A connection to the agent: a Unix socket (runc) or the VM's serial port.
+pub(crate) trait Conn: Read + Write + Send {
+    fn try_clone_conn(&self) -> std::io::Result<Box<dyn Conn>>;
+    fn close(&self);
+}
+
+impl Conn for UnixStream {
+    fn try_clone_conn(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn close(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+impl Conn for crate::vm::Port {
+    fn try_clone_conn(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()))
+    }
+    fn close(&self) {}
+}
+
 pub(crate) struct Shared {
     pub config: Arc<RunConfig>,
-    conn: Mutex<Option<UnixStream>>,
+    conn: Mutex<Option<Box<dyn Conn>>>,
     backlog: Mutex<Backlog>,
     /// Exec sessions by child pid (for reaping) — held across spawn so a fast exit finds its session.
     pub sessions: Mutex<HashMap<libc::pid_t, Arc<Session>>>,
@@ -91,9 +114,9 @@ impl Shared {
         }
     }
 
-    fn attach(&self, stream: UnixStream) -> std::io::Result<()> {
+    fn attach(&self, stream: &dyn Conn) -> std::io::Result<()> {
         let mut conn = lock(&self.conn);
-        let mut w = stream.try_clone()?;
+        let mut w = stream.try_clone_conn()?;
         w.write_all(
             &Frame::Hello {
                 version: PROTOCOL_VERSION,
@@ -119,13 +142,18 @@ impl Shared {
             w.write_all(&f)?;
         }
         if let Some(old) = conn.replace(w) {
-            let _ = old.shutdown(Shutdown::Both);
+            old.close();
         }
         Ok(())
     }
+
+    /// Forgets the connection (the VM port's host went away), so records go to the backlog.
+    fn detach(&self) {
+        *lock(&self.conn) = None;
+    }
 }
 
-fn write_or_drop(conn: &mut Option<UnixStream>, bytes: &[u8]) -> bool {
+fn write_or_drop(conn: &mut Option<Box<dyn Conn>>, bytes: &[u8]) -> bool {
     match conn {
         Some(s) => {
             if s.write_all(bytes).is_ok() {
@@ -150,7 +178,7 @@ pub(crate) fn listen(path: &str, shared: Arc<Shared>) -> std::io::Result<()> {
                 Ok(r) => r,
                 Err(_) => continue,
             };
-            if shared.attach(stream).is_err() {
+            if shared.attach(&stream).is_err() {
                 continue;
             }
             let s = shared.clone();
@@ -160,8 +188,23 @@ pub(crate) fn listen(path: &str, shared: Arc<Shared>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Serves the VM's virtio-serial port on a background thread: every time a host connects, it
+/// gets `Hello` and the backlog, then frames until it disconnects.
+pub(crate) fn serve_port(port: crate::vm::Port, shared: Arc<Shared>) {
+    std::thread::spawn(move || loop {
+        port.wait_for_host();
+        if shared.attach(&port).is_err() {
+            shared.detach();
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        serve(port.try_clone(), shared.clone());
+        shared.detach();
+    });
+}
+
 /// Reads the agent's frames until the connection ends.
-fn serve(mut stream: UnixStream, shared: Arc<Shared>) {
+fn serve(mut stream: impl Conn, shared: Arc<Shared>) {
     let mut reader = FrameReader::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -179,7 +222,7 @@ fn serve(mut stream: UnixStream, shared: Arc<Shared>) {
                         stream: 0,
                         message: format!("bad frame: {e}"),
                     });
-                    let _ = stream.shutdown(Shutdown::Both);
+                    stream.close();
                     return;
                 }
             }
@@ -195,6 +238,12 @@ fn dispatch(frame: Frame, shared: &Arc<Shared>) {
         Frame::StdinClose { stream } => with_session(shared, stream, |s| s.close_input()),
         Frame::Resize { stream, rows, cols } => {
             with_session(shared, stream, |s| s.resize(rows, cols))
+        }
+        // Stream 0 is the instance itself: the agent stops a VM by signalling init, which handles
+        // it like a signal from a container runtime (stop signal to the app, deadline, SIGKILL).
+        Frame::Signal { stream: 0, signal } if (1..32).contains(&signal) => {
+            // SAFETY: plain syscall on our own pid.
+            unsafe { libc::kill(libc::getpid(), signal) };
         }
         Frame::Signal { stream, signal } => with_session(shared, stream, |s| s.signal(signal)),
         // Frames only the guest sends; an agent sending them is ignored.

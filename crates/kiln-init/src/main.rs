@@ -21,9 +21,11 @@
 mod channel;
 mod exec;
 mod net;
+mod vm;
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,6 +85,19 @@ fn write_exit(status: ExitStatus) {
 }
 
 fn main() {
+    if vm::is_vm() {
+        let (config, disk) = match vm::boot() {
+            Ok(c) => c,
+            Err(e) => {
+                log(&format!("cannot boot: {e}"));
+                // Without a config disk there is nowhere to record the status either.
+                vm::shutdown(Path::new("/dev/null"), Some(127), None);
+            }
+        };
+        let status = run(config, Transport::VmPort);
+        let (code, signal) = (status.code, status.signal);
+        vm::shutdown(&disk, code, signal);
+    }
     let config: RunConfig = match std::fs::read(RUN_CONFIG_PATH)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -97,7 +112,17 @@ fn main() {
             std::process::exit(127);
         }
     };
-    std::process::exit(run(config));
+    let status = run(config, Transport::UnixSocket);
+    write_exit(status);
+    std::process::exit(status.as_code());
+}
+
+/// How the guest channel reaches the agent.
+enum Transport {
+    /// runc: a Unix socket in the directory the runtime shares with the host.
+    UnixSocket,
+    /// A VM: the virtio-serial port named `kiln.channel`.
+    VmPort,
 }
 
 /// Copies one of the app's outputs to init's own (the runtime's log) and to the channel.
@@ -121,7 +146,8 @@ fn pump_logs(mut from: impl Read, output: Output, shared: Arc<channel::Shared>) 
     }
 }
 
-fn run(config: RunConfig) -> i32 {
+/// Runs the app to its end; returns how it ended.
+fn run(config: RunConfig, transport: Transport) -> ExitStatus {
     let all = full_sigset();
     // SAFETY: blocking signals in the only thread that exists yet; the set is initialised.
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut()) };
@@ -130,11 +156,10 @@ fn run(config: RunConfig) -> i32 {
         if let Err(e) = net::configure(net) {
             // Without its network the app cannot serve; fail visibly instead of running cut off.
             log(&format!("cannot configure the network: {e}"));
-            write_exit(ExitStatus {
+            return ExitStatus {
                 code: Some(126),
                 signal: None,
-            });
-            return 126;
+            };
         }
     }
     // CAP_NET_ADMIN was granted for the step above only: take it out of the bounding set, so
@@ -148,20 +173,26 @@ fn run(config: RunConfig) -> i32 {
     }
     let config = Arc::new(config);
     let shared = channel::Shared::new(config.clone());
-    if let Err(e) = channel::listen(CHANNEL_SOCKET, shared.clone()) {
+    let served = match transport {
+        Transport::UnixSocket => channel::listen(CHANNEL_SOCKET, shared.clone())
+            .map_err(|e| format!("{CHANNEL_SOCKET}: {e}")),
+        Transport::VmPort => vm::channel_port().and_then(|path| {
+            let port = vm::Port::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            channel::serve_port(port, shared.clone());
+            Ok(())
+        }),
+    };
+    if let Err(e) = served {
         // The app still runs without a channel; exec and log shipping are unavailable.
-        log(&format!(
-            "cannot serve the guest channel at {CHANNEL_SOCKET}: {e}"
-        ));
+        log(&format!("cannot serve the guest channel: {e}"));
     }
 
     let Some((program, args)) = config.argv.split_first() else {
         log("run configuration has an empty argv");
-        write_exit(ExitStatus {
+        return ExitStatus {
             code: Some(127),
             signal: None,
-        });
-        return 127;
+        };
     };
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -180,11 +211,10 @@ fn run(config: RunConfig) -> i32 {
         Ok(c) => c,
         Err(e) => {
             log(&format!("cannot start {program:?}: {e}"));
-            write_exit(ExitStatus {
+            return ExitStatus {
                 code: Some(127),
                 signal: None,
-            });
-            return 127;
+            };
         }
     };
     let pid = child.id() as libc::pid_t;
@@ -234,8 +264,7 @@ fn run(config: RunConfig) -> i32 {
                         let _ = p.join();
                     }
                     shared.flush(Duration::from_millis(500));
-                    write_exit(status);
-                    return status.as_code();
+                    return status;
                 }
             }
             libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {

@@ -262,6 +262,24 @@ pub fn cleanup_instances(data_dir: &Path) {
             .arg(&runc_root)
             .args(["delete", "--force", &id])
             .output();
+        // A QEMU instance: kill its VM (its pid file names it) and remove its tap.
+        if let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&id) {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+                }
+            }
+        }
+        if let Some(suffix) = id.strip_prefix("ins_") {
+            let _ = Command::new("ip")
+                .args([
+                    "link",
+                    "del",
+                    &format!("kv{}", &suffix[..suffix.len().min(13)]),
+                ])
+                .output();
+        }
         let rootfs = e.path().join("rootfs");
         let _ = Command::new("umount").arg("-l").arg(&rootfs).output();
         if let Some(suffix) = id.strip_prefix("ins_") {
@@ -271,4 +289,24 @@ pub fn cleanup_instances(data_dir: &Path) {
         }
         let _ = std::fs::remove_dir_all(e.path());
     }
+}
+
+/// The guest kernel the VM drivers boot: `./scripts/build-guest-kernel` prints its path, building
+/// it first (about 7.5 minutes on 2 cores) unless it is cached outside the clone.
+pub fn guest_kernel() -> Result<PathBuf> {
+    let out = Command::new(workspace_root().join("scripts/build-guest-kernel"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run scripts/build-guest-kernel")?;
+    if !out.status.success() {
+        bail!("scripts/build-guest-kernel failed");
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !path.is_file() {
+        bail!(
+            "scripts/build-guest-kernel printed {}, which is not a file",
+            path.display()
+        );
+    }
+    Ok(path)
 }

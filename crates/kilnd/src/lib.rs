@@ -62,6 +62,33 @@ pub struct DevArgs {
     /// Size budget of the image cache in MiB; unused images beyond it are evicted.
     #[arg(long, default_value_t = 10_240)]
     pub image_cache_mib: u64,
+    /// Runtime driver of this host: `runc` (containers) or `qemu` (microVMs).
+    #[arg(long, value_enum, default_value_t = DriverArg::Runc)]
+    pub driver: DriverArg,
+    /// Guest kernel for the `qemu` driver (an uncompressed vmlinux; `./scripts/build-guest-kernel`
+    /// builds one).
+    #[arg(long, required_if_eq("driver", "qemu"))]
+    pub guest_kernel: Option<PathBuf>,
+    /// The QEMU binary for the `qemu` driver.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// QEMU accelerator: `kvm` (hardware) or `tcg` (software emulation).
+    #[arg(long, value_enum, default_value_t = AccelArg::Kvm)]
+    pub qemu_accel: AccelArg,
+}
+
+/// `--driver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverArg {
+    Runc,
+    Qemu,
+}
+
+/// `--qemu-accel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelArg {
+    Kvm,
+    Tcg,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -262,6 +289,17 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
             plain_http_registries: args.plain_http_registries.clone(),
             health_interval: Duration::from_secs(2),
             image_cache_bytes: args.image_cache_mib.saturating_mul(1024 * 1024),
+            qemu: match (args.driver, &args.guest_kernel) {
+                (DriverArg::Qemu, Some(kernel)) => Some(kiln_agent::runtime::qemu::QemuConfig {
+                    binary: args.qemu.clone(),
+                    kernel: kernel.clone(),
+                    accel: match args.qemu_accel {
+                        AccelArg::Kvm => kiln_agent::runtime::qemu::Accel::Kvm,
+                        AccelArg::Tcg => kiln_agent::runtime::qemu::Accel::Tcg,
+                    },
+                }),
+                _ => None,
+            },
         },
         client,
     )

@@ -2,3 +2,4 @@
 //! planned and checked against Firecracker's API specification but not bootable on these hosts.
 
 pub mod firecracker;
+pub mod qemu;

@@ -91,12 +91,32 @@ fn working_set_kib(data: &std::path::Path) -> Result<u64> {
     Ok(usage.saturating_sub(inactive) / 1024)
 }
 
+/// Resident memory of the instance's QEMU process (the whole VM: guest RAM it touched + VMM).
+fn qemu_rss_kib(data: &std::path::Path) -> Result<u64> {
+    let dir = std::fs::read_dir(data.join("instances"))?
+        .flatten()
+        .next()
+        .context("a running instance")?
+        .path();
+    let pid = std::fs::read_to_string(dir.join("qemu.pid"))?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS of the QEMU process")
+}
+
+/// Which driver a run uses: `None` for runc, or the guest kernel for qemu (TCG).
+type Driver<'a> = Option<&'a std::path::Path>;
+
 async fn measure(
     bins: &Binaries,
     root: &std::path::Path,
     name: &str,
     image_ref: &str,
     image_mib: f64,
+    driver: Driver<'_>,
 ) -> Result<Figures> {
     const COLD_RUNS: usize = 3;
     const WARM_RUNS: usize = 5;
@@ -111,7 +131,21 @@ async fn measure(
         std::fs::create_dir_all(&dir)?;
         let data = dir.join("data");
         let result = async {
-            let dev = DevProcess::start(bins, &data)?;
+            let dev = match driver {
+                None => DevProcess::start(bins, &data)?,
+                Some(kernel) => DevProcess::start_with(
+                    bins,
+                    &data,
+                    &[
+                        "--driver",
+                        "qemu",
+                        "--qemu-accel",
+                        "tcg",
+                        "--guest-kernel",
+                        &kernel.display().to_string(),
+                    ],
+                )?,
+            };
             let cli = Cli::new(bins, &dir);
             connect(&cli, &dev)?;
             f.cold
@@ -123,7 +157,10 @@ async fn measure(
                 }
                 // Let the last deploy's old instance stop and the new one settle, then measure it idle.
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                f.idle_kib = working_set_kib(&data)?;
+                f.idle_kib = match driver {
+                    None => working_set_kib(&data)?,
+                    Some(_) => qemu_rss_kib(&data)?,
+                };
             }
             anyhow::Ok(())
         }
@@ -168,8 +205,18 @@ pub async fn run() -> Result<()> {
         large.push(&registry.host(), "bench", "large").await?
     );
 
-    let small_f = measure(&bins, tmp.path(), "small", &small_ref, mib(&small)).await?;
-    let large_f = measure(&bins, tmp.path(), "large", &large_ref, mib(&large)).await?;
+    let small_f = measure(&bins, tmp.path(), "small", &small_ref, mib(&small), None).await?;
+    let large_f = measure(&bins, tmp.path(), "large", &large_ref, mib(&large), None).await?;
+    let kernel = crate::dev::guest_kernel()?;
+    let vm_f = measure(
+        &bins,
+        tmp.path(),
+        "large-qemu",
+        &large_ref,
+        mib(&large),
+        Some(&kernel),
+    )
+    .await?;
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let runs = |v: &[Duration]| v.iter().map(|d| ms(*d).round()).collect::<Vec<_>>();
@@ -186,6 +233,12 @@ pub async fn run() -> Result<()> {
             f.idle_kib
         );
     }
+    println!(
+        "  qemu driver (TCG software emulation, no KVM here), large image: cold {:?} ms, warm {:?} ms, idle QEMU process RSS {} KiB",
+        runs(&vm_f.cold),
+        runs(&vm_f.warm),
+        vm_f.idle_kib
+    );
     println!("cold_deploy_ms={:.0}", ms(median(small_f.cold.clone())));
     println!("warm_deploy_ms={:.0}", ms(median(small_f.warm.clone())));
     println!(
@@ -194,6 +247,13 @@ pub async fn run() -> Result<()> {
         ms(median(large_f.cold)),
         ms(median(large_f.warm)),
         large_f.idle_kib
+    );
+    println!(
+        "driver=qemu accel=tcg image_mib={:.0} cold_deploy_ms={:.0} warm_deploy_ms={:.0} idle_instance_kib={}",
+        vm_f.image_mib,
+        ms(median(vm_f.cold)),
+        ms(median(vm_f.warm)),
+        vm_f.idle_kib
     );
     Ok(())
 }
