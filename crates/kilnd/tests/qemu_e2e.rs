@@ -258,5 +258,65 @@ async fn qemu_microvm_serves_through_the_edge() -> Result<()> {
         "v1 stopped through kiln-init, not killed:\n{}",
         dev.log()
     );
+
+    // A restarted kilnd adopts the running VM (found by its pid file) instead of booting another.
+    let v2_id = instance_ids(&cli)?
+        .into_iter()
+        .find(|(_, v)| *v == 2)
+        .context("v2 instance")?
+        .0;
+    let pidfile = data.join("instances").join(&v2_id).join("qemu.pid");
+    let pid_before = std::fs::read_to_string(&pidfile)?;
+    let api_before = dev.api_url.clone();
+    dev.stop()?;
+    let edge_arg = edge.to_string();
+    let dev = DevProcess::start_with(
+        &bins,
+        &data,
+        &[
+            "--api-listen",
+            "127.0.0.1:0",
+            "--edge-listen",
+            &edge_arg,
+            "--driver",
+            "qemu",
+            "--qemu-accel",
+            "tcg",
+            "--guest-kernel",
+            &kernel_arg,
+        ],
+    )?;
+    let config = std::fs::read_to_string(&cli.config)?;
+    std::fs::write(&cli.config, config.replace(&api_before, &dev.api_url))?;
+    let mut served = false;
+    for _ in 0..100 {
+        let (code, body, _) = curl(edge, "hello-vm.kiln.test");
+        if code == 0 && body.starts_with("howdy from") {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(served, "served after restart\n{}", dev.log());
+    ensure!(
+        dev.log().contains("adopted running instance"),
+        "adopted:\n{}",
+        dev.log()
+    );
+    ensure!(
+        std::fs::read_to_string(&pidfile)? == pid_before,
+        "the same QEMU process serves"
+    );
+    // Exec reaches the adopted VM: the agent reconnected to its channel.
+    let out = cli.ok(&[
+        "exec",
+        "-a",
+        "hello-vm",
+        "--",
+        "/bin/busybox",
+        "echo",
+        "still-here",
+    ])?;
+    ensure!(out.trim() == "still-here", "exec after restart: {out}");
     Ok(())
 }
