@@ -210,6 +210,31 @@ impl Client {
             .await
     }
 
+    pub async fn ips(&self, app: &str) -> Result<AppIps, ApiError> {
+        self.get(&format!("/v1/apps/{app}/ips")).await
+    }
+
+    pub async fn allocate_ipv4(
+        &self,
+        app: &str,
+        idempotency_key: &str,
+    ) -> Result<AllocatedIp, ApiError> {
+        self.post(
+            &format!("/v1/apps/{app}/ips"),
+            &AllocateIp { kind: "v4".into() },
+            Some(idempotency_key),
+        )
+        .await
+    }
+
+    pub async fn release_ip(&self, app: &str, address: std::net::Ipv4Addr) -> Result<(), ApiError> {
+        let path = format!("/v1/apps/{app}/ips/{address}");
+        let _: serde_json::Value = self
+            .send(&path, self.req(reqwest::Method::DELETE, &path))
+            .await?;
+        Ok(())
+    }
+
     pub async fn status(&self, app: &str) -> Result<AppStatus, ApiError> {
         self.get(&format!("/v1/apps/{app}/status")).await
     }

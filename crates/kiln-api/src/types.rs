@@ -243,3 +243,25 @@ pub struct WhoAmI {
 
 /// Labels for a `kiln status` table.
 pub type Labels = BTreeMap<String, String>;
+
+/// `GET /v1/apps/{app}/ips`: the app's public addresses beyond the shared TLS ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppIps {
+    /// Dedicated IPv4 addresses (the add-on): every port of each is the app's.
+    pub dedicated_ipv4: Vec<std::net::Ipv4Addr>,
+    /// Public ports the app owns on the shared addresses (its `tcp` services' `ports`).
+    pub shared_ports: Vec<u16>,
+}
+
+/// `POST /v1/apps/{app}/ips`: what to allocate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocateIp {
+    /// `v4`: a dedicated IPv4 address (the only kind: IPv6 is per instance, always).
+    pub kind: String,
+}
+
+/// The allocated address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocatedIp {
+    pub address: std::net::Ipv4Addr,
+}

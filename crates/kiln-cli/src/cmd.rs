@@ -39,6 +39,9 @@ pub enum Command {
     /// Work with kiln.toml: validate, show (with defaults), JSON Schema.
     #[command(subcommand)]
     Config(crate::config_cmd::ConfigCmd),
+    /// An app's dedicated IPv4 addresses and shared ports.
+    #[command(subcommand)]
+    Ips(crate::ips_cmd::IpsCmd),
     /// Manage the control planes this CLI talks to.
     #[command(subcommand)]
     Context(ContextCmd),
@@ -208,12 +211,12 @@ impl From<ApiError> for CliError {
 
 use kiln_types::error_chain;
 
-fn client(ctx: &Context) -> Result<Client, CliError> {
+pub(crate) fn client(ctx: &Context) -> Result<Client, CliError> {
     Client::new(&ctx.api, &ctx.token).map_err(CliError::from)
 }
 
 /// The app to act on: `--app`, else `app` of ./kiln.toml.
-fn resolve_app(arg: &AppArg, manifest_path: &Path) -> Result<String, CliError> {
+pub(crate) fn resolve_app(arg: &AppArg, manifest_path: &Path) -> Result<String, CliError> {
     if let Some(a) = &arg.app {
         return Ok(a.clone());
     }
@@ -290,6 +293,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
+        Command::Ips(cmd) => crate::ips_cmd::ips(cmd).await,
         Command::Context(cmd) => context_cmd(cmd).await,
         Command::Whoami => {
             let ctx = context::current()?;

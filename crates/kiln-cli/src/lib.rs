@@ -9,6 +9,7 @@ mod cmd;
 mod config_cmd;
 mod context;
 pub mod exit;
+mod ips_cmd;
 mod term;
 
 use clap::Parser;

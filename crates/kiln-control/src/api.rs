@@ -58,6 +58,14 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
         .route("/v1/hosts/{host}/exec-requests", get(exec_requests))
         .route("/v1/hosts/{host}/exec/{session}", get(host_exec))
         .route("/v1/routes", get(routes))
+        .route(
+            "/v1/apps/{app}/ips",
+            get(crate::ips::list).post(crate::ips::allocate),
+        )
+        .route(
+            "/v1/apps/{app}/ips/{address}",
+            axum::routing::delete(crate::ips::release),
+        )
         .layer(middleware::from_fn(request_id))
         .with_state(control)
 }
@@ -82,7 +90,7 @@ async fn request_id(req: Request<axum::body::Body>, next: Next) -> Response {
     resp
 }
 
-fn metadata(p: &Principal, headers: &HeaderMap) -> Metadata {
+pub(crate) fn metadata(p: &Principal, headers: &HeaderMap) -> Metadata {
     Metadata {
         actor: p.actor(),
         request_id: headers
@@ -141,7 +149,7 @@ fn instance_view(i: InstanceRow) -> Instance {
 }
 
 /// The app named `name`, if it exists and belongs to the caller's org.
-async fn owned_app(c: &Control, p: &Principal, name: &str) -> ApiResult<AppRow> {
+pub(crate) async fn owned_app(c: &Control, p: &Principal, name: &str) -> ApiResult<AppRow> {
     match c.store.app_by_name(name.to_owned()).await? {
         Some(app) if app.org_id == p.org_id => Ok(app),
         _ => Err(ApiFailure::not_found("app", name)),

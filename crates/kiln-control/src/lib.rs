@@ -11,6 +11,7 @@ mod api;
 mod auth;
 mod error;
 mod exec;
+mod ips;
 mod logs;
 mod reconciler;
 
@@ -35,6 +36,8 @@ pub struct ControlConfig {
     pub max_watch: Duration,
     /// How often the reconciler re-checks deadlines when nothing happens.
     pub reconcile_tick: Duration,
+    /// Public IPv4 addresses handed out as dedicated addresses; `None`: the add-on is off.
+    pub ipv4_pool: Option<kiln_types::net::Ipv4Pool>,
 }
 
 impl Default for ControlConfig {
@@ -44,6 +47,7 @@ impl Default for ControlConfig {
             plain_http_registries: Vec::new(),
             max_watch: Duration::from_secs(60),
             reconcile_tick: Duration::from_millis(500),
+            ipv4_pool: None,
         }
     }
 }

@@ -112,11 +112,22 @@ impl Reconciler {
             by_release.entry(&i.release_id).or_default().push(i);
         }
 
+        let shared_ports: Vec<(AppId, u16)> = store
+            .allocations()
+            .await
+            .map_err(ControlError::store("list allocations"))?
+            .into_iter()
+            .filter_map(|a| match a.allocation {
+                kiln_store::Allocation::SharedPort(port) => Some((a.app_id, port)),
+                kiln_store::Allocation::DedicatedIpv4(_) => None,
+            })
+            .collect();
         let mut plan = Plan {
             events: Vec::new(),
             capacity,
             next_ordinal,
             hosts: &hosts,
+            shared_ports: &shared_ports,
         };
         let now = now_millis();
         for (app_id, mut rels) in releases {
@@ -190,6 +201,8 @@ struct Plan<'a> {
     capacity: Vec<HostCapacity>,
     next_ordinal: BTreeMap<HostId, u64>,
     hosts: &'a [kiln_store::HostRow],
+    /// Public ports owned on the shared addresses, by app.
+    shared_ports: &'a [(AppId, u16)],
 }
 
 impl Plan<'_> {
@@ -311,6 +324,23 @@ impl Plan<'_> {
         }
         if live.iter().all(|i| i.state == InstanceState::Healthy) {
             self.release_state(app_id, rel, ReleaseState::Healthy, None);
+            // The release serves now: shared ports its `tcp` services no longer list go back to
+            // the pool (the previous release kept them routed until this moment).
+            let wanted: std::collections::BTreeSet<u16> = manifest
+                .processes
+                .iter()
+                .flat_map(|p| &p.services)
+                .filter(|s| s.protocol == kiln_types::ServiceProtocol::Tcp)
+                .flat_map(|s| s.ports.iter().copied())
+                .collect();
+            for (owner, port) in self.shared_ports {
+                if owner == app_id && !wanted.contains(port) {
+                    self.events.push(Event::PortReleased {
+                        app_id: app_id.clone(),
+                        port: *port,
+                    });
+                }
+            }
             if let Some(prev) = newest_healthy {
                 if let Some(prev_rel) = rels.iter().find(|r| r.version == prev) {
                     self.release_state(

@@ -61,3 +61,95 @@ mod tests {
         assert_eq!(instance_ordinal(1, host_address(1)), None);
     }
 }
+
+/// A pool of public IPv4 addresses the control plane hands out as dedicated addresses (the IPv4
+/// add-on, ADR 0007), written `A.B.C.D/N`. Every address of the block is allocatable: these are
+/// announced by the edges, not a LAN, so there is no network or broadcast address to skip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Pool {
+    first: u32,
+    len: u32,
+}
+
+/// Why an IPv4 pool could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid IPv4 pool {input:?}: {reason} (expected an address block like 203.0.113.0/28)")]
+pub struct Ipv4PoolError {
+    pub input: String,
+    pub reason: &'static str,
+}
+
+impl Ipv4Pool {
+    /// Largest pool accepted: a /16 (allocation scans it).
+    pub const MIN_PREFIX: u8 = 16;
+
+    pub fn parse(s: &str) -> Result<Ipv4Pool, Ipv4PoolError> {
+        let err = |reason| Ipv4PoolError {
+            input: s.to_owned(),
+            reason,
+        };
+        let (addr, prefix) = s.split_once('/').ok_or_else(|| err("no /prefix"))?;
+        let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| err("not an IPv4 address"))?;
+        let prefix: u8 = prefix.parse().map_err(|_| err("prefix is not a number"))?;
+        if !(Self::MIN_PREFIX..=32).contains(&prefix) {
+            return Err(err("prefix must be between /16 and /32"));
+        }
+        let len = 1u32 << (32 - prefix);
+        let first = u32::from(addr);
+        if first % len != 0 {
+            return Err(err("address has bits set beyond the prefix"));
+        }
+        Ok(Ipv4Pool { first, len })
+    }
+
+    /// Every address of the pool, in order.
+    pub fn addresses(&self) -> impl Iterator<Item = std::net::Ipv4Addr> {
+        (self.first..self.first + self.len).map(std::net::Ipv4Addr::from)
+    }
+
+    pub fn contains(&self, ip: std::net::Ipv4Addr) -> bool {
+        let n = u32::from(ip);
+        n >= self.first && n - self.first < self.len
+    }
+}
+
+impl std::fmt::Display for Ipv4Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            std::net::Ipv4Addr::from(self.first),
+            32 - self.len.trailing_zeros()
+        )
+    }
+}
+
+#[cfg(test)]
+mod ipv4_pool_tests {
+    use super::*;
+
+    #[test]
+    fn pools_parse_and_list_their_addresses() {
+        let p = Ipv4Pool::parse("127.0.1.0/30").unwrap();
+        assert_eq!(p.to_string(), "127.0.1.0/30");
+        let all: Vec<String> = p.addresses().map(|a| a.to_string()).collect();
+        assert_eq!(all, ["127.0.1.0", "127.0.1.1", "127.0.1.2", "127.0.1.3"]);
+        assert!(p.contains("127.0.1.3".parse().unwrap()));
+        assert!(!p.contains("127.0.1.4".parse().unwrap()));
+        assert_eq!(
+            Ipv4Pool::parse("10.0.0.7/32").unwrap().addresses().count(),
+            1
+        );
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.1/30",
+            "10.0.0.0/8",
+            "x/24",
+            "10.0.0.0/33",
+            "10.0.0.0/x",
+        ] {
+            let e = Ipv4Pool::parse(bad).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+}

@@ -56,6 +56,10 @@ pub struct DevArgs {
     /// Registries reached over plain HTTP besides loopback ones (repeat for several).
     #[arg(long = "plain-http-registry")]
     pub plain_http_registries: Vec<String>,
+    /// Addresses handed out as dedicated IPv4s (`kiln ips allocate-v4`), as a block like
+    /// 127.0.1.0/28 (loopback addresses work on one machine); without it the add-on is off.
+    #[arg(long, value_parser = parse_ipv4_pool)]
+    pub ipv4_pool: Option<kiln_types::net::Ipv4Pool>,
     /// Memory offered to instances, in MiB (default: 3/4 of the machine's).
     #[arg(long)]
     pub memory_mib: Option<u64>,
@@ -237,6 +241,7 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
         ControlConfig {
             app_domain: args.domain.clone(),
             plain_http_registries: args.plain_http_registries.clone(),
+            ipv4_pool: args.ipv4_pool,
             ..Default::default()
         },
     )?;
@@ -560,6 +565,10 @@ pub struct ServeArgs {
     /// Registries reached over plain HTTP besides loopback ones (repeat for several).
     #[arg(long = "plain-http-registry")]
     pub plain_http_registries: Vec<String>,
+    /// Public IPv4 addresses handed out as dedicated addresses (`kiln ips allocate-v4`), as a
+    /// block like 203.0.113.0/28; without it the IPv4 add-on is off.
+    #[arg(long, value_parser = parse_ipv4_pool)]
+    pub ipv4_pool: Option<kiln_types::net::Ipv4Pool>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -593,6 +602,7 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
                 ControlConfig {
                     app_domain: args.domain.clone(),
                     plain_http_registries: args.plain_http_registries.clone(),
+                    ipv4_pool: args.ipv4_pool,
                     ..Default::default()
                 },
             )?;
@@ -678,4 +688,8 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_ipv4_pool(s: &str) -> Result<kiln_types::net::Ipv4Pool, String> {
+    kiln_types::net::Ipv4Pool::parse(s).map_err(|e| e.to_string())
 }

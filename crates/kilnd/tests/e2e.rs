@@ -138,6 +138,8 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
             "[::1]:0",
             "--image-cache-mib",
             "0",
+            "--ipv4-pool",
+            "127.0.1.0/30",
         ],
     )?;
     let cli = Cli::new(&bins, tmp.path());
@@ -181,6 +183,40 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
         body.trim() == "hello from hello-tls sni=hello-tls.kiln.test client=::1",
         "body: {body}"
     );
+
+    // The IPv4 add-on: a dedicated address routes every connection to it to the app, whatever
+    // the SNI, until it is released.
+    let out = cli.ok(&["ips", "allocate-v4", "-a", "hello-tls"])?;
+    ensure!(out.contains("127.0.1.0"), "allocated from the pool: {out}");
+    let dedicated: std::net::SocketAddr = "127.0.1.0:443".parse()?;
+    let mut body = String::new();
+    for _ in 0..100 {
+        let (code, b, _) = curl(dedicated, "anything.example");
+        if code == 0 {
+            body = b;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    ensure!(
+        body.starts_with("hello from hello-tls sni=anything.example"),
+        "dedicated IPv4 serves the app by address: {body:?}\n{}",
+        dev.log()
+    );
+    let listed = cli.ok(&["ips", "list", "-a", "hello-tls"])?;
+    ensure!(listed.contains("127.0.1.0"), "{listed}");
+    cli.ok(&["ips", "release", "127.0.1.0", "-a", "hello-tls"])?;
+    let mut refused = false;
+    for _ in 0..100 {
+        if curl(dedicated, "anything.example").0 != 0 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    ensure!(refused, "a released address no longer serves");
+    let (code, _, _) = curl(v4, "hello-tls.kiln.test");
+    ensure!(code == 0, "the shared address still serves");
 
     // The app's stdout reaches `kiln logs` through kiln-init, the guest channel, the agent's
     // shipper and the control plane's log store.
