@@ -145,6 +145,7 @@ impl Agent {
             tokio::spawn(logs::ship(self.client.clone(), self.host_id.clone(), rx));
         }
         tokio::spawn(exec::serve(self.clone()));
+        tokio::spawn(heartbeat(self.client.clone(), self.host_id.clone()));
         let mut seq = 0;
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -238,3 +239,31 @@ impl Agent {
 }
 
 pub(crate) use kiln_types::error_chain;
+
+/// How often the agent tells the control plane it is alive (a host silent for several of these is
+/// declared down and its stateless instances are replaced elsewhere).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+async fn heartbeat(client: Client, host: HostId) {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match client.heartbeat(&host).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("heartbeats reach the control plane again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                // Logged once per outage, not every five seconds.
+                if !failing {
+                    tracing::warn!(error = %error_chain(&e), "cannot send heartbeat; instances keep running");
+                }
+                failing = true;
+            }
+        }
+    }
+}

@@ -210,6 +210,51 @@ impl Client {
             .await
     }
 
+    pub async fn heartbeat(&self, host: &HostId) -> Result<(), ApiError> {
+        let _: serde_json::Value = self
+            .post(
+                &format!("/v1/hosts/{host}/heartbeat"),
+                &serde_json::json!({}),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<HostInfo>, ApiError> {
+        self.get("/v1/hosts").await
+    }
+
+    /// Drains (`drain: true`) or undrains a host, by id or name.
+    pub async fn drain_host(&self, host: &str, drain: bool) -> Result<HostInfo, ApiError> {
+        let action = if drain { "drain" } else { "ready" };
+        self.post(
+            &format!("/v1/hosts/{host}/{action}"),
+            &serde_json::json!({}),
+            None,
+        )
+        .await
+    }
+
+    pub async fn releases(&self, app: &str) -> Result<Vec<Release>, ApiError> {
+        self.get(&format!("/v1/apps/{app}/releases")).await
+    }
+
+    /// Creates a release restoring version `version` (the previous healthy one when `None`).
+    pub async fn rollback(
+        &self,
+        app: &str,
+        version: Option<u64>,
+        idempotency_key: &str,
+    ) -> Result<Release, ApiError> {
+        self.post(
+            &format!("/v1/apps/{app}/rollback"),
+            &Rollback { version },
+            Some(idempotency_key),
+        )
+        .await
+    }
+
     pub async fn ips(&self, app: &str) -> Result<AppIps, ApiError> {
         self.get(&format!("/v1/apps/{app}/ips")).await
     }

@@ -39,6 +39,13 @@ pub enum Command {
     /// Work with kiln.toml: validate, show (with defaults), JSON Schema.
     #[command(subcommand)]
     Config(crate::config_cmd::ConfigCmd),
+    /// List an app's releases, newest first.
+    Releases(crate::ops_cmd::ReleasesArgs),
+    /// Deploy an earlier release again (its image and manifest, as one unit).
+    Rollback(crate::ops_cmd::RollbackArgs),
+    /// The platform's hosts: list, drain, make ready (operator only).
+    #[command(subcommand)]
+    Hosts(crate::ops_cmd::HostsCmd),
     /// An app's dedicated IPv4 addresses and shared ports.
     #[command(subcommand)]
     Ips(crate::ips_cmd::IpsCmd),
@@ -294,6 +301,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Ips(cmd) => crate::ips_cmd::ips(cmd).await,
+        Command::Releases(args) => crate::ops_cmd::releases(args).await,
+        Command::Rollback(args) => crate::ops_cmd::rollback(args).await,
+        Command::Hosts(cmd) => crate::ops_cmd::hosts(cmd).await,
         Command::Context(cmd) => context_cmd(cmd).await,
         Command::Whoami => {
             let ctx = context::current()?;
@@ -390,11 +400,21 @@ async fn deploy(args: DeployArgs) -> Result<(), CliError> {
     if args.detach {
         return Ok(());
     }
+    wait_for_release(&c, &app, &release, args.wait_timeout).await
+}
+
+/// Follows a new release until it is healthy (Ok) or failed (exit code 6), printing progress.
+pub(crate) async fn wait_for_release(
+    c: &Client,
+    app: &str,
+    release: &kiln_api::Release,
+    wait_timeout: u64,
+) -> Result<(), CliError> {
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.wait_timeout);
+    let deadline = started + Duration::from_secs(wait_timeout);
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     loop {
-        let status = c.status(&app).await?;
+        let status = c.status(app).await?;
         for i in status
             .instances
             .iter()
@@ -456,7 +476,7 @@ async fn deploy(args: DeployArgs) -> Result<(), CliError> {
                 exit::DEPLOY_FAILED,
                 format!(
                     "release v{} not healthy after {}s; it keeps deploying",
-                    release.version, args.wait_timeout
+                    release.version, wait_timeout
                 ),
             ));
         }

@@ -10,6 +10,7 @@ mod config_cmd;
 mod context;
 pub mod exit;
 mod ips_cmd;
+mod ops_cmd;
 mod term;
 
 use clap::Parser;

@@ -46,7 +46,7 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
             get(list_releases).post(create_release),
         )
         .route("/v1/apps/{app}/releases/{version}", get(get_release))
-        .route("/v1/hosts", post(register_host))
+        .route("/v1/hosts", get(crate::hosts::list).post(register_host))
         .route("/v1/hosts/{host}/assignments", get(assignments))
         .route(
             "/v1/hosts/{host}/instances/{instance}/report",
@@ -66,6 +66,10 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
             "/v1/apps/{app}/ips/{address}",
             axum::routing::delete(crate::ips::release),
         )
+        .route("/v1/hosts/{host}/heartbeat", post(crate::hosts::heartbeat))
+        .route("/v1/hosts/{host}/drain", post(crate::hosts::drain))
+        .route("/v1/hosts/{host}/ready", post(crate::hosts::undrain))
+        .route("/v1/apps/{app}/rollback", post(rollback))
         .layer(middleware::from_fn(request_id))
         .with_state(control)
 }
@@ -348,23 +352,59 @@ async fn create_release(
     })?;
     let manifest_json = serde_json::to_value(&manifest).unwrap_or_default();
     let port_events = allocate_ports(&c, &row.id, &manifest).await?;
+    append_release(
+        &c,
+        &p,
+        &headers,
+        &app,
+        NewRelease {
+            image_input,
+            image,
+            manifest: manifest_json,
+            manifest_source: body.manifest.clone(),
+            extra: port_events,
+        },
+        idempotency,
+    )
+    .await
+}
+
+/// What a new release is made of (a deploy's, or a rollback's copy of an older release).
+struct NewRelease {
+    image_input: String,
+    image: kiln_types::ImageRef,
+    manifest: serde_json::Value,
+    manifest_source: String,
+    /// Events appended with `release_created`, in the same append (port allocations).
+    extra: Vec<Event>,
+}
+
+/// Appends `release_created` with the next version of the app (optimistic concurrency on the
+/// app stream makes versions gap-free and unique) and answers the release.
+async fn append_release(
+    c: &Control,
+    p: &Principal,
+    headers: &HeaderMap,
+    app: &str,
+    new: NewRelease,
+    idempotency: Option<Idempotency>,
+) -> ApiResult<(StatusCode, Json<Release>)> {
+    let row = owned_app(c, p, app).await?;
     let stream = kiln_types::event::StreamRef {
         kind: kiln_types::event::StreamType::App,
         id: row.id.to_string(),
     };
-    // Optimistic concurrency on the app stream makes release versions gap-free and unique.
     for _ in 0..5 {
         let current = c.store.stream_version(stream.clone()).await?;
-        let app_now = owned_app(&c, &p, &app).await?;
-        let release_id = ReleaseId::generate();
+        let app_now = owned_app(c, p, app).await?;
         let event = Event::ReleaseCreated {
             app_id: row.id.clone(),
-            release_id: release_id.clone(),
+            release_id: ReleaseId::generate(),
             version: app_now.release_count + 1,
-            image_input: image_input.clone(),
-            image: image.clone(),
-            manifest: manifest_json.clone(),
-            manifest_source: body.manifest.clone(),
+            image_input: new.image_input.clone(),
+            image: new.image.clone(),
+            manifest: new.manifest.clone(),
+            manifest_source: new.manifest_source.clone(),
         };
         // Port allocations go in the same append: a release never runs with ports it does not
         // own, and the allocations view rejects the append if another app took a port meanwhile.
@@ -372,12 +412,12 @@ async fn create_release(
             event,
             expected: ExpectedVersion::Exact(current),
         }];
-        events.extend(port_events.iter().cloned().map(NewEvent::any));
+        events.extend(new.extra.iter().cloned().map(NewEvent::any));
         let res = c
             .store
             .append(Append {
                 events,
-                metadata: metadata(&p, &headers),
+                metadata: metadata(p, headers),
                 idempotency: idempotency.clone(),
             })
             .await;
@@ -404,6 +444,89 @@ async fn create_release(
         "conflict",
         "too many concurrent releases of this app; retry",
     ))
+}
+
+/// `POST /v1/apps/{app}/rollback`: a new release with the image and manifest of an older one,
+/// deployed (and health-gated) like any release.
+async fn rollback(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<kiln_api::Rollback>,
+) -> ApiResult<(StatusCode, Json<Release>)> {
+    p.require(Scope::Deploy)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let releases = c.store.releases(row.id.clone()).await?;
+    let current = releases
+        .iter()
+        .filter(|r| r.state == ReleaseState::Healthy)
+        .map(|r| r.version)
+        .max();
+    let target = match body.version {
+        Some(v) => releases
+            .iter()
+            .find(|r| r.version == v)
+            .ok_or_else(|| ApiFailure::not_found("release", &format!("v{v}")))?,
+        // The newest release before the serving one that once served (superseded after being
+        // healthy, or healthy).
+        None => releases
+            .iter()
+            .rev()
+            .find(|r| {
+                Some(r.version) < current
+                    && r.state == ReleaseState::Superseded
+                    && r.reason
+                        .as_deref()
+                        .is_some_and(|why| why.starts_with("replaced by v"))
+            })
+            .ok_or_else(|| {
+                ApiFailure::new(
+                    StatusCode::CONFLICT,
+                    "no_previous_release",
+                    format!("{app} has no earlier release that served; name one with a version"),
+                )
+            })?,
+    };
+    if Some(target.version) == current {
+        return Err(ApiFailure::new(
+            StatusCode::CONFLICT,
+            "already_serving",
+            format!("v{} of {app} is the release serving now", target.version),
+        ));
+    }
+    let manifest: kiln_manifest::Manifest = serde_json::from_value(target.manifest.clone())
+        .map_err(|e| {
+            ApiFailure::new(
+                StatusCode::CONFLICT,
+                "release_unreadable",
+                format!("the manifest of v{} cannot be read: {e}", target.version),
+            )
+        })?;
+    let port_events = allocate_ports(&c, &row.id, &manifest).await?;
+    let idempotency = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(|key| Idempotency {
+            scope: format!("release:{}", row.id),
+            key: key.to_owned(),
+            request_hash: hex::encode(Sha256::digest(format!("rollback:{}", target.version))),
+        });
+    append_release(
+        &c,
+        &p,
+        &headers,
+        &app,
+        NewRelease {
+            image_input: format!("rollback to v{}", target.version),
+            image: target.image.clone(),
+            manifest: target.manifest.clone(),
+            manifest_source: target.manifest_source.clone(),
+            extra: port_events,
+        },
+        idempotency,
+    )
+    .await
 }
 
 async fn register_host(

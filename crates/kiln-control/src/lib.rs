@@ -11,6 +11,7 @@ mod api;
 mod auth;
 mod error;
 mod exec;
+mod hosts;
 mod ips;
 mod logs;
 mod reconciler;
@@ -38,6 +39,8 @@ pub struct ControlConfig {
     pub reconcile_tick: Duration,
     /// Public IPv4 addresses handed out as dedicated addresses; `None`: the add-on is off.
     pub ipv4_pool: Option<kiln_types::net::Ipv4Pool>,
+    /// A host whose agent is silent this long is declared down (agents beat every 5 s).
+    pub host_down_after: Duration,
 }
 
 impl Default for ControlConfig {
@@ -48,6 +51,7 @@ impl Default for ControlConfig {
             max_watch: Duration::from_secs(60),
             reconcile_tick: Duration::from_millis(500),
             ipv4_pool: None,
+            host_down_after: Duration::from_secs(20),
         }
     }
 }
@@ -59,6 +63,7 @@ pub struct Control {
     pub(crate) registry: kiln_oci::RegistryClient,
     pub(crate) logs: logs::LogStore,
     pub(crate) exec: exec::ExecBroker,
+    pub(crate) heartbeats: hosts::Heartbeats,
 }
 
 /// What first start created: the one org and its admin token (shown once, stored only as a hash).
@@ -81,6 +86,7 @@ impl Control {
             registry,
             logs: logs::LogStore::new(),
             exec: exec::ExecBroker::default(),
+            heartbeats: hosts::Heartbeats::default(),
         }))
     }
 

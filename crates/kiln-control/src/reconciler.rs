@@ -18,7 +18,7 @@ use std::sync::Arc;
 use kiln_manifest::{Manifest, Process, RestartPolicy};
 use kiln_scheduler::{HostCapacity, Policy, Request};
 use kiln_store::{Append, InstanceRow, Metadata, NewEvent, ReleaseRow};
-use kiln_types::event::{Event, ReleaseState};
+use kiln_types::event::{Event, HostState, ReleaseState};
 use kiln_types::workload::{BootSpec, MetricsSpec, NetworkSpec, SecretsSpec, VmSpec};
 use kiln_types::{
     now_millis, AppId, HostId, InstanceId, InstanceState, MiB, MilliCpu, StopSpec, WorkloadSpec,
@@ -78,11 +78,22 @@ impl Reconciler {
             }
         }
 
+        // Hosts whose heartbeats stopped are down from this pass on.
+        let newly_down = crate::hosts::overdue(&self.control, &hosts);
+        let host_state: BTreeMap<HostId, HostState> = hosts
+            .iter()
+            .map(|h| {
+                let down = newly_down.iter().any(
+                    |e| matches!(e, Event::HostStateChanged { host_id, .. } if *host_id == h.id),
+                );
+                (h.id.clone(), if down { HostState::Down } else { h.state })
+            })
+            .collect();
         let mut capacity: Vec<HostCapacity> = hosts
             .iter()
             .map(|h| HostCapacity {
                 id: h.id.clone(),
-                ready: true,
+                ready: host_state.get(&h.id) == Some(&HostState::Ready),
                 driver: h.driver.clone(),
                 memory: h.memory,
                 cpu: h.cpu,
@@ -123,12 +134,39 @@ impl Reconciler {
             })
             .collect();
         let mut plan = Plan {
-            events: Vec::new(),
+            events: newly_down,
             capacity,
             next_ordinal,
             hosts: &hosts,
             shared_ports: &shared_ports,
+            host_state: &host_state,
         };
+        // The instances of a down host are lost: stateless ones are marked failed (and replaced
+        // below like any failed instance); ones with volumes wait for their host, which holds
+        // their data.
+        for i in &instances {
+            if host_state.get(&i.host_id) == Some(&HostState::Down)
+                && i.desired_running
+                && !i.state.is_terminal()
+                && i.spec.mounts.is_empty()
+            {
+                plan.events.push(Event::InstanceStateChanged {
+                    instance_id: i.id.clone(),
+                    app_id: i.app_id.clone(),
+                    state: InstanceState::Failed,
+                    reason: Some(format!("{HOST_DOWN_PREFIX}{} is down", i.host_id)),
+                });
+                plan.stop(i, "host down");
+            }
+        }
+        // Views in this pass still show those instances live: act on them from the next pass.
+        if plan
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::InstanceStopRequested { .. }))
+        {
+            return self.append(plan.events).await;
+        }
         let now = now_millis();
         for (app_id, mut rels) in releases {
             rels.sort_by_key(|r| r.version);
@@ -178,12 +216,17 @@ impl Reconciler {
             }
         }
 
-        if plan.events.is_empty() {
+        self.append(plan.events).await
+    }
+
+    async fn append(&self, events: Vec<Event>) -> Result<(), ControlError> {
+        if events.is_empty() {
             return Ok(());
         }
-        store
+        self.control
+            .store
             .append(Append {
-                events: plan.events.into_iter().map(NewEvent::any).collect(),
+                events: events.into_iter().map(NewEvent::any).collect(),
                 metadata: Metadata {
                     actor: "system:reconciler".into(),
                     ..Default::default()
@@ -203,7 +246,11 @@ struct Plan<'a> {
     hosts: &'a [kiln_store::HostRow],
     /// Public ports owned on the shared addresses, by app.
     shared_ports: &'a [(AppId, u16)],
+    host_state: &'a BTreeMap<HostId, HostState>,
 }
+
+/// Reason given to instances lost with their host (not counted as the app's own failures).
+const HOST_DOWN_PREFIX: &str = "host ";
 
 impl Plan<'_> {
     fn release_state(
@@ -375,17 +422,41 @@ impl Plan<'_> {
             // Each failure of this group was replaced once; stop after `max_retries`.
             let failures = of_group()
                 .filter(|i| i.state == InstanceState::Failed)
+                .filter(|i| {
+                    !i.reason
+                        .as_deref()
+                        .is_some_and(|r| r.starts_with(HOST_DOWN_PREFIX))
+                })
                 .count();
             if failures > manifest.restart.max_retries as usize {
                 continue;
             }
-            let live = of_group()
+            // Instances on a draining host are leaving: replacements start elsewhere, and each
+            // leaving one stops only once enough replacements are healthy (no downtime).
+            let leaving = |i: &&&InstanceRow| {
+                self.host_state.get(&i.host_id) == Some(&HostState::Draining)
+                    && i.spec.mounts.is_empty()
+            };
+            let live: Vec<&&InstanceRow> = of_group()
                 .filter(|i| i.desired_running && !i.state.is_terminal())
-                .count();
-            for _ in live..manifest.desired_count(group) as usize {
+                .collect();
+            let staying = live.iter().filter(|i| !leaving(i)).count();
+            let want = manifest.desired_count(group) as usize;
+            for _ in staying..want {
                 if let Err(reason) = self.place(rel, &manifest, group) {
-                    tracing::warn!(release_id = %rel.id, reason = %reason, "cannot replace failed instance");
+                    tracing::warn!(release_id = %rel.id, reason = %reason, "cannot place replacement instance");
                     return;
+                }
+            }
+            let healthy_staying = live
+                .iter()
+                .filter(|i| !leaving(i) && i.state == InstanceState::Healthy)
+                .count();
+            if healthy_staying >= want {
+                let out: Vec<&InstanceRow> =
+                    live.iter().filter(|i| leaving(i)).map(|i| **i).collect();
+                for i in out {
+                    self.stop(i, "host draining");
                 }
             }
         }

@@ -78,6 +78,12 @@ CREATE TABLE edge_allocations (
 "#,
         replay: true,
     },
+    // v5: host state (ready, draining, down) and why; every host was ready before the event
+    // existed, which the defaults say.
+    ViewMigration {
+        sql: "ALTER TABLE hosts ADD COLUMN state TEXT NOT NULL DEFAULT 'ready'; ALTER TABLE hosts ADD COLUMN state_reason TEXT;",
+        replay: false,
+    },
 ];
 
 /// The current view schema version.
@@ -161,6 +167,8 @@ pub(crate) const VIEW_TABLES: &[ViewTable] = &[
             ("memory", Int),
             ("registered_at", Int),
             ("last_registered_at", Int),
+            ("state", Text),
+            ("state_reason", Text),
         ],
     },
     ViewTable {
@@ -218,6 +226,8 @@ pub(crate) const INSERT_RELEASE: &str = "INSERT INTO releases (id, app_id, versi
 pub(crate) const RAISE_RELEASE_COUNT: &str = "UPDATE apps SET release_count = CASE WHEN release_count < $2 THEN $2 ELSE release_count END WHERE id = $1";
 pub(crate) const SET_RELEASE_STATE: &str =
     "UPDATE releases SET state = $2, reason = $3, updated_at = $4 WHERE id = $1";
+pub(crate) const UPDATE_HOST_STATE: &str =
+    "UPDATE hosts SET state = $1, state_reason = $2 WHERE id = $3";
 pub(crate) const UPSERT_HOST: &str = "INSERT INTO hosts (id, name, idx, driver, cpu, memory, registered_at, last_registered_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (id) DO UPDATE SET name = excluded.name, driver = excluded.driver, cpu = excluded.cpu, memory = excluded.memory, last_registered_at = excluded.last_registered_at";
 pub(crate) const INSERT_INSTANCE: &str = "INSERT INTO instances (id, app_id, release_id, release_version, host_id, spec, state, desired_running, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', TRUE, $7, $7)";
 pub(crate) const SET_INSTANCE_STATE: &str =
@@ -393,6 +403,18 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
                 at,
             ],
         )],
+        Event::HostStateChanged {
+            host_id,
+            state,
+            reason,
+        } => vec![(
+            UPDATE_HOST_STATE,
+            vec![
+                state.as_str().into(),
+                reason.clone().into(),
+                host_id.as_str().into(),
+            ],
+        )],
         Event::Ipv4Released { app_id, address } => vec![(
             DELETE_ALLOCATION,
             vec![
@@ -450,6 +472,9 @@ pub struct HostRow {
     pub registered_at: UnixMillis,
     /// Latest registration (the agent's last start).
     pub last_registered_at: UnixMillis,
+    pub state: kiln_types::event::HostState,
+    /// Why the host is in its state (missed heartbeats, who drained it).
+    pub state_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -525,7 +550,7 @@ pub(crate) const RELEASE: Query = Query {
 };
 pub(crate) const HOSTS: Query = Query {
     name: "hosts",
-    sql: "SELECT id, name, idx, driver, cpu, memory, registered_at, last_registered_at FROM hosts ORDER BY idx",
+    sql: "SELECT id, name, idx, driver, cpu, memory, registered_at, last_registered_at, state, state_reason FROM hosts ORDER BY idx",
 };
 pub(crate) const INSTANCES_ALL: Query = Query {
     name: "instances",
@@ -615,6 +640,8 @@ pub(crate) fn host_row(r: &dyn Cols) -> Result<HostRow, DbError> {
         memory: MiB(r.uint(5)?),
         registered_at: r.int(6)?,
         last_registered_at: r.int(7)?,
+        state: parsed(r, 8, kiln_types::event::HostState::parse)?,
+        state_reason: r.opt_text(9)?,
     })
 }
 

@@ -93,6 +93,38 @@ impl Driver {
     }
 }
 
+/// Whether a host takes work (the scheduler places only on `ready` hosts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Heartbeating and accepting new instances.
+    Ready,
+    /// An operator asked for the host to be emptied: no new instances; its stateless instances
+    /// are replaced elsewhere, each new one healthy before the old one stops.
+    Draining,
+    /// Missed its heartbeats: its stateless instances are replaced elsewhere.
+    Down,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+            Self::Down => "down",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ready" => Self::Ready,
+            "draining" => Self::Draining,
+            "down" => Self::Down,
+            _ => return None,
+        })
+    }
+}
+
 /// Every event Kiln records. The serde tag is the event type name stored in the log.
 // Events are built and applied one at a time, never stored densely, so variant sizes do not matter.
 #[allow(clippy::large_enum_variant)]
@@ -186,6 +218,14 @@ pub enum Event {
         app_id: AppId,
         address: std::net::Ipv4Addr,
     },
+    /// A host changed state: missed heartbeats (`down`), came back (`ready`), or an operator
+    /// drained it (`draining`).
+    HostStateChanged {
+        host_id: HostId,
+        state: HostState,
+        #[serde(default)]
+        reason: Option<String>,
+    },
 }
 
 impl Event {
@@ -204,6 +244,7 @@ impl Event {
         "port_released",
         "ipv4_allocated",
         "ipv4_released",
+        "host_state_changed",
     ];
 
     /// The payload schema version this build writes for an event type (`None` for a type it does
@@ -284,6 +325,7 @@ impl Event {
             Self::PortReleased { .. } => "port_released",
             Self::Ipv4Allocated { .. } => "ipv4_allocated",
             Self::Ipv4Released { .. } => "ipv4_released",
+            Self::HostStateChanged { .. } => "host_state_changed",
         }
     }
 
@@ -300,7 +342,9 @@ impl Event {
             | Self::PortReleased { app_id, .. }
             | Self::Ipv4Allocated { app_id, .. }
             | Self::Ipv4Released { app_id, .. } => (StreamType::App, app_id.to_string()),
-            Self::HostRegistered { host_id, .. } => (StreamType::Host, host_id.to_string()),
+            Self::HostRegistered { host_id, .. } | Self::HostStateChanged { host_id, .. } => {
+                (StreamType::Host, host_id.to_string())
+            }
             Self::InstancePlaced { spec, .. } => {
                 (StreamType::Instance, spec.instance_id.to_string())
             }

@@ -1,0 +1,151 @@
+//! `kiln releases`, `kiln rollback` and `kiln hosts`: looking back at an app's releases, going
+//! back to one, and the operator's view of the fleet.
+
+use std::path::Path;
+
+use clap::{Args, Subcommand};
+
+use crate::cmd::{client, resolve_app, wait_for_release, AppArg, CliError};
+use crate::context;
+
+#[derive(Debug, Args)]
+pub struct ReleasesArgs {
+    #[command(flatten)]
+    pub app: AppArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub app: AppArg,
+    /// The release to restore, like `3` or `v3` (default: the last one that served before the
+    /// current one).
+    #[arg(value_name = "VERSION", id = "target", value_parser = parse_version)]
+    pub version: Option<u64>,
+    /// Return once the release is created, without waiting for health.
+    #[arg(long)]
+    pub detach: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub wait_timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostsCmd {
+    /// Every host: state, driver, capacity, instances, last heard from.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move the host's stateless instances elsewhere (each new one healthy before the old one
+    /// stops) and place nothing new on it.
+    Drain {
+        /// Host name or id.
+        host: String,
+    },
+    /// Let a drained host take instances again.
+    Ready {
+        /// Host name or id.
+        host: String,
+    },
+}
+
+pub async fn releases(args: ReleasesArgs) -> Result<(), CliError> {
+    let app = resolve_app(&args.app, Path::new("kiln.toml"))?;
+    let mut releases = client(&context::current()?)?.releases(&app).await?;
+    releases.reverse();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&releases).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<11} {:<40} REASON",
+        "VERSION", "STATE", "IMAGE (AS GIVEN)"
+    );
+    for r in releases {
+        println!(
+            "v{:<7} {:<11} {:<40} {}",
+            r.version,
+            r.state.as_str(),
+            r.image_input,
+            r.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub async fn rollback(args: RollbackArgs) -> Result<(), CliError> {
+    let app = resolve_app(&args.app, Path::new("kiln.toml"))?;
+    let c = client(&context::current()?)?;
+    let key = format!("rollback-{}", kiln_types::ReleaseId::generate().suffix());
+    let release = c.rollback(&app, args.version, &key).await?;
+    println!(
+        "==> Release v{} of {app}: {} ({})",
+        release.version, release.image, release.image_input
+    );
+    if args.detach {
+        return Ok(());
+    }
+    wait_for_release(&c, &app, &release, args.wait_timeout).await
+}
+
+pub async fn hosts(cmd: HostsCmd) -> Result<(), CliError> {
+    let c = client(&context::current()?)?;
+    match cmd {
+        HostsCmd::List { json } => {
+            let hosts = c.hosts().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&hosts).unwrap_or_default()
+                );
+                return Ok(());
+            }
+            println!(
+                "{:<26} {:<12} {:<9} {:<8} {:>6} {:>9} {:>9} {:>8} REASON",
+                "ID", "NAME", "STATE", "DRIVER", "CPUS", "MEMORY", "INSTANCES", "SILENT"
+            );
+            for h in hosts {
+                println!(
+                    "{:<26} {:<12} {:<9} {:<8} {:>6.1} {:>6} MiB {:>9} {:>7}s {}",
+                    h.id,
+                    h.name,
+                    h.state.as_str(),
+                    h.driver,
+                    f64::from(h.cpu.0) / 1000.0,
+                    h.memory.0,
+                    h.instances,
+                    h.silent_ms / 1000,
+                    h.state_reason.as_deref().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        HostsCmd::Drain { host } => {
+            let h = c.drain_host(&host, true).await?;
+            println!(
+                "Draining {}: its stateless instances move to other hosts; `kiln hosts list` shows progress",
+                h.name
+            );
+            Ok(())
+        }
+        HostsCmd::Ready { host } => {
+            let h = c.drain_host(&host, false).await?;
+            println!("{} is ready for new instances", h.name);
+            Ok(())
+        }
+    }
+}
+
+fn parse_version(s: &str) -> Result<u64, String> {
+    s.trim_start_matches('v')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a release version (like 3 or v3)"))
+}

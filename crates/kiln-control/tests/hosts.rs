@@ -1,0 +1,320 @@
+//! Hosts in the control plane, through the real API and reconciler with two simulated agents
+//! (they register, heartbeat and report instance states over HTTP as `kiln-agent` does):
+//! a host that stops heartbeating is declared down and its instance is replaced on the other
+//! host; heartbeats bring it back; draining a host moves its instance with the replacement
+//! healthy before the old one stops; hosts are the operator's only. Also `rollback`: a new
+//! release with an older one's image and manifest.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_api::{Client, InstanceReport, RegisterHost};
+use kiln_control::{Control, ControlConfig, Reconciler, Scope};
+use kiln_store::{Append, InstanceRow, Metadata, NewEvent, Store};
+use kiln_types::event::{Driver, Event, HostState, ReleaseState};
+use kiln_types::{AppId, HostId, ImageRef, InstanceState, MiB, MilliCpu, ReleaseId};
+
+const MANIFEST: &str = "app = \"web\"\n\n[scale]\ncount = 1\n\n[[services]]\nprotocol = \"tls\"\ninternal_port = 8443\n";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Store,
+    control: Arc<Control>,
+    url: String,
+}
+
+async fn fixture(down_after: Duration) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("kiln.db"))
+        .await
+        .unwrap();
+    let control = Control::new(
+        store.clone(),
+        ControlConfig {
+            host_down_after: down_after,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    control.bootstrap("operator").await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = control.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Fixture {
+        _dir: dir,
+        store,
+        control,
+        url: format!("http://{addr}"),
+    }
+}
+
+impl Fixture {
+    async fn client(&self, scopes: &[Scope]) -> Client {
+        let org = self.control.first_org().await.unwrap().unwrap();
+        let token = self.control.create_token(&org, "t", scopes).await.unwrap();
+        Client::new(&self.url, &token).unwrap()
+    }
+
+    async fn append(&self, events: Vec<Event>) {
+        self.store
+            .append(Append {
+                events: events.into_iter().map(NewEvent::any).collect(),
+                metadata: Metadata {
+                    actor: "test".into(),
+                    ..Default::default()
+                },
+                idempotency: None,
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn app_with_release(&self, version_digest: char) -> AppId {
+        let org = self.control.first_org().await.unwrap().unwrap();
+        let app_id = AppId::generate();
+        let manifest = kiln_manifest::parse("kiln.toml", MANIFEST).unwrap();
+        self.append(vec![
+            Event::AppCreated {
+                app_id: app_id.clone(),
+                org_id: org,
+                name: "web".parse().unwrap(),
+            },
+            release(&app_id, 1, version_digest, &manifest),
+        ])
+        .await;
+        app_id
+    }
+
+    async fn live(&self) -> Vec<InstanceRow> {
+        self.store
+            .all_instances()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.desired_running && !i.state.is_terminal())
+            .collect()
+    }
+}
+
+fn release(app_id: &AppId, version: u64, digit: char, m: &kiln_manifest::Manifest) -> Event {
+    Event::ReleaseCreated {
+        app_id: app_id.clone(),
+        release_id: ReleaseId::generate(),
+        version,
+        image_input: format!("127.0.0.1:5000/web:v{version}"),
+        image: ImageRef {
+            registry: "127.0.0.1:5000".into(),
+            repository: "web".into(),
+            digest: format!("sha256:{}", digit.to_string().repeat(64)),
+        },
+        manifest: serde_json::to_value(m).unwrap(),
+        manifest_source: MANIFEST.into(),
+    }
+}
+
+async fn register(agent: &Client, name: &str) -> HostId {
+    agent
+        .register_host(&RegisterHost {
+            name: name.into(),
+            driver: Driver::Runc,
+            cpu: MilliCpu(4000),
+            memory: MiB(4096),
+        })
+        .await
+        .unwrap()
+        .host_id
+}
+
+async fn healthy(agent: &Client, i: &InstanceRow) {
+    agent
+        .report_instance(
+            &i.host_id,
+            &i.id,
+            &InstanceReport {
+                state: InstanceState::Healthy,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_host_goes_down_and_a_drained_host_empties_without_downtime() {
+    let fx = fixture(Duration::from_millis(300)).await;
+    let agent = fx.client(&[Scope::Host]).await;
+    let a = register(&agent, "a").await;
+    let b = register(&agent, "b").await;
+    agent.heartbeat(&a).await.unwrap();
+    agent.heartbeat(&b).await.unwrap();
+    fx.app_with_release('1').await;
+    let reconciler = Reconciler::new(fx.control.clone());
+    reconciler.pass().await.unwrap();
+    let live = fx.live().await;
+    assert_eq!(live.len(), 1);
+    let first = live[0].clone();
+    healthy(&agent, &first).await;
+    reconciler.pass().await.unwrap();
+
+    // The first instance's host goes silent while the other keeps beating.
+    let (silent, beating) = if first.host_id == a { (a, b) } else { (b, a) };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    agent.heartbeat(&beating).await.unwrap();
+    reconciler.pass().await.unwrap();
+    let hosts = fx.store.hosts().await.unwrap();
+    let silent_row = hosts.iter().find(|h| h.id == silent).unwrap();
+    assert_eq!(silent_row.state, HostState::Down, "{silent_row:?}");
+    assert!(silent_row
+        .state_reason
+        .as_deref()
+        .unwrap()
+        .contains("no heartbeat"));
+    let lost = fx.store.instance(first.id.clone()).await.unwrap().unwrap();
+    assert_eq!(lost.state, InstanceState::Failed);
+    assert!(!lost.desired_running);
+    assert!(
+        lost.reason.as_deref().unwrap().contains("is down"),
+        "{lost:?}"
+    );
+    reconciler.pass().await.unwrap();
+    let live = fx.live().await;
+    assert_eq!(live.len(), 1, "{live:#?}");
+    assert_eq!(live[0].host_id, beating, "replaced on the host that is up");
+    let second = live[0].clone();
+    healthy(&agent, &second).await;
+
+    // Heartbeats bring the silent host back.
+    agent.heartbeat(&silent).await.unwrap();
+    let hosts = fx.store.hosts().await.unwrap();
+    assert_eq!(
+        hosts.iter().find(|h| h.id == silent).unwrap().state,
+        HostState::Ready
+    );
+
+    // Draining the host of the running instance: a replacement starts on the other host, and
+    // the old instance keeps running until the replacement is healthy.
+    let admin = fx.client(&[Scope::Admin]).await;
+    let drained = admin.drain_host(beating.as_str(), true).await.unwrap();
+    assert_eq!(drained.state, HostState::Draining);
+    agent.heartbeat(&silent).await.unwrap();
+    agent.heartbeat(&beating).await.unwrap();
+    reconciler.pass().await.unwrap();
+    let live = fx.live().await;
+    assert_eq!(live.len(), 2, "old and replacement both live: {live:#?}");
+    let third = live.iter().find(|i| i.id != second.id).unwrap().clone();
+    assert_eq!(third.host_id, silent);
+    reconciler.pass().await.unwrap();
+    assert!(
+        fx.store
+            .instance(second.id.clone())
+            .await
+            .unwrap()
+            .unwrap()
+            .desired_running,
+        "the old instance stays until its replacement is healthy"
+    );
+    healthy(&agent, &third).await;
+    agent.heartbeat(&silent).await.unwrap();
+    agent.heartbeat(&beating).await.unwrap();
+    reconciler.pass().await.unwrap();
+    let old = fx.store.instance(second.id.clone()).await.unwrap().unwrap();
+    assert!(!old.desired_running, "drained instance stopped: {old:?}");
+    let listed = admin.hosts().await.unwrap();
+    let d = listed.iter().find(|h| h.id == beating).unwrap();
+    assert_eq!(
+        (d.state, d.instances),
+        (HostState::Draining, 0),
+        "drained empty"
+    );
+    // A drained host can be made ready again; a down one only by its heartbeats.
+    assert_eq!(
+        admin.drain_host("a", false).await.unwrap().state,
+        HostState::Ready
+    );
+}
+
+#[tokio::test]
+async fn hosts_are_the_operators_only() {
+    let fx = fixture(Duration::from_secs(60)).await;
+    let agent = fx.client(&[Scope::Host]).await;
+    register(&agent, "a").await;
+    let other_org = kiln_types::OrgId::generate();
+    fx.append(vec![Event::OrgCreated {
+        org_id: other_org.clone(),
+        name: "tenant".into(),
+    }])
+    .await;
+    let token = fx
+        .control
+        .create_token(&other_org, "t", &[Scope::Admin])
+        .await
+        .unwrap();
+    let tenant = Client::new(&fx.url, &token).unwrap();
+    let err = tenant.hosts().await.unwrap_err();
+    assert_eq!(err.code(), Some("not_operator"), "{err}");
+    let err = tenant.drain_host("a", true).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_operator"), "{err}");
+    let reader = fx.client(&[Scope::Read]).await;
+    let err = reader.hosts().await.unwrap_err();
+    assert_eq!(err.code(), Some("insufficient_scope"), "{err}");
+    let admin = fx.client(&[Scope::Admin]).await;
+    let err = admin.drain_host("nope", true).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"), "{err}");
+}
+
+#[tokio::test]
+async fn rollback_restores_an_earlier_release_as_a_new_one() {
+    let fx = fixture(Duration::from_secs(60)).await;
+    let app_id = fx.app_with_release('1').await;
+    let manifest = kiln_manifest::parse("kiln.toml", MANIFEST).unwrap();
+    let v1 = fx.store.release(app_id.clone(), 1).await.unwrap().unwrap();
+    fx.append(vec![
+        Event::ReleaseStateChanged {
+            app_id: app_id.clone(),
+            release_id: v1.id.clone(),
+            state: ReleaseState::Healthy,
+            reason: None,
+        },
+        release(&app_id, 2, '2', &manifest),
+    ])
+    .await;
+    let v2 = fx.store.release(app_id.clone(), 2).await.unwrap().unwrap();
+    fx.append(vec![
+        Event::ReleaseStateChanged {
+            app_id: app_id.clone(),
+            release_id: v2.id.clone(),
+            state: ReleaseState::Healthy,
+            reason: None,
+        },
+        Event::ReleaseStateChanged {
+            app_id: app_id.clone(),
+            release_id: v1.id.clone(),
+            state: ReleaseState::Superseded,
+            reason: Some("replaced by v2".into()),
+        },
+    ])
+    .await;
+
+    let api = fx.client(&[Scope::Deploy, Scope::Read]).await;
+    let err = api.rollback("web", Some(2), "k0").await.unwrap_err();
+    assert_eq!(err.code(), Some("already_serving"), "{err}");
+    let err = api.rollback("web", Some(9), "k1").await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"), "{err}");
+
+    // Default target: the release that served before the current one.
+    let v3 = api.rollback("web", None, "k2").await.unwrap();
+    assert_eq!(v3.version, 3);
+    assert_eq!(v3.image, v1.image, "v1's image, pinned by digest");
+    assert_eq!(v3.image_input, "rollback to v1");
+    let row = fx.store.release(app_id.clone(), 3).await.unwrap().unwrap();
+    assert_eq!(row.manifest, v1.manifest);
+    assert_eq!(
+        row.state,
+        ReleaseState::Deploying,
+        "deployed like any release"
+    );
+    // A retried request with the same key creates nothing new.
+    assert_eq!(api.rollback("web", None, "k2").await.unwrap().version, 3);
+    assert_eq!(api.releases("web").await.unwrap().len(), 3);
+}
