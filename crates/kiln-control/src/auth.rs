@@ -83,6 +83,8 @@ pub(crate) fn new_token_event(
         hash: hash_token(&token),
         scopes: scopes.iter().map(|s| s.as_str().to_owned()).collect(),
         expires_at,
+        user_id: None,
+        app_id: None,
     };
     (token, event)
 }

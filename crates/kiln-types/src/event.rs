@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId,
+    AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId, UserId,
 };
 use crate::{MiB, MilliCpu, UnixMillis, WorkloadSpec};
 
@@ -19,6 +19,7 @@ pub enum StreamType {
     App,
     Host,
     Instance,
+    User,
 }
 
 impl StreamType {
@@ -28,6 +29,7 @@ impl StreamType {
             Self::App => "app",
             Self::Host => "host",
             Self::Instance => "instance",
+            Self::User => "user",
         }
     }
 }
@@ -112,6 +114,13 @@ pub enum Event {
         scopes: Vec<String>,
         #[serde(default)]
         expires_at: Option<UnixMillis>,
+        /// The user the token acts for (login and user-created tokens); `None` for tokens of
+        /// machines (bootstrap admin, hosts, edges, CI tokens made by them).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_id: Option<UserId>,
+        /// Restricts the token to one app (CI deploy tokens): every other app answers 404.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        app_id: Option<AppId>,
     },
     AppCreated {
         app_id: AppId,
@@ -186,6 +195,62 @@ pub enum Event {
         app_id: AppId,
         address: std::net::Ipv4Addr,
     },
+    /// A token stops working: every request with it is refused from this event on.
+    TokenRevoked {
+        token_id: TokenId,
+        org_id: OrgId,
+    },
+    /// A token was used (recorded at most about once a minute per token, not per request).
+    TokenUsed {
+        token_id: TokenId,
+        org_id: OrgId,
+        at: UnixMillis,
+    },
+    /// A person who can sign in. Emails are unique across the platform (lowercased).
+    UserCreated {
+        user_id: UserId,
+        email: String,
+        /// The argon2id hash in PHC string form; the password itself is never stored.
+        password_hash: String,
+    },
+    /// A user becomes a member of an org with a role (or changes role).
+    MembershipGranted {
+        org_id: OrgId,
+        user_id: UserId,
+        role: Role,
+    },
+    MembershipRevoked {
+        org_id: OrgId,
+        user_id: UserId,
+    },
+}
+
+/// What a member may do in an org; each role maps to a fixed set of token scopes
+/// (docs/security/02-authz-and-scopes.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Owner,
+    Admin,
+    Member,
+    Viewer,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Owner, Role::Admin, Role::Member, Role::Viewer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::Admin => "admin",
+            Self::Member => "member",
+            Self::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
 }
 
 impl Event {
@@ -204,6 +269,11 @@ impl Event {
         "port_released",
         "ipv4_allocated",
         "ipv4_released",
+        "token_revoked",
+        "token_used",
+        "user_created",
+        "membership_granted",
+        "membership_revoked",
     ];
 
     /// The payload schema version this build writes for an event type (`None` for a type it does
@@ -284,15 +354,24 @@ impl Event {
             Self::PortReleased { .. } => "port_released",
             Self::Ipv4Allocated { .. } => "ipv4_allocated",
             Self::Ipv4Released { .. } => "ipv4_released",
+            Self::TokenRevoked { .. } => "token_revoked",
+            Self::TokenUsed { .. } => "token_used",
+            Self::UserCreated { .. } => "user_created",
+            Self::MembershipGranted { .. } => "membership_granted",
+            Self::MembershipRevoked { .. } => "membership_revoked",
         }
     }
 
     /// The stream the event belongs to.
     pub fn stream(&self) -> StreamRef {
         let (kind, id) = match self {
-            Self::OrgCreated { org_id, .. } | Self::TokenCreated { org_id, .. } => {
-                (StreamType::Org, org_id.to_string())
-            }
+            Self::OrgCreated { org_id, .. }
+            | Self::TokenCreated { org_id, .. }
+            | Self::TokenRevoked { org_id, .. }
+            | Self::TokenUsed { org_id, .. }
+            | Self::MembershipGranted { org_id, .. }
+            | Self::MembershipRevoked { org_id, .. } => (StreamType::Org, org_id.to_string()),
+            Self::UserCreated { user_id, .. } => (StreamType::User, user_id.to_string()),
             Self::AppCreated { app_id, .. }
             | Self::ReleaseCreated { app_id, .. }
             | Self::ReleaseStateChanged { app_id, .. }
