@@ -9,10 +9,14 @@
 
 mod api;
 mod auth;
+mod clock;
+mod device;
 mod error;
 mod exec;
 mod logs;
 mod reconciler;
+mod tokens_api;
+mod users;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +25,10 @@ use kiln_store::Store;
 use kiln_types::OrgId;
 
 pub use auth::{generate_token, hash_token, Scope};
+pub use clock::Clock;
 pub use error::ControlError;
 pub use reconciler::Reconciler;
+pub use users::{role_scopes, NewUser};
 
 /// Control-plane settings.
 #[derive(Debug, Clone)]
@@ -35,6 +41,17 @@ pub struct ControlConfig {
     pub max_watch: Duration,
     /// How often the reconciler re-checks deadlines when nothing happens.
     pub reconcile_tick: Duration,
+    /// The clock of auth decisions (expiry, polling); tests move it forward.
+    pub clock: Clock,
+    /// How long a device code (RFC 8628) may wait for approval.
+    pub device_code_ttl: Duration,
+    /// The smallest polling interval a device-flow client is told (`interval`, whole seconds).
+    pub device_poll_interval: Duration,
+    /// Lifetime of the token a device login issues.
+    pub login_token_ttl: Duration,
+    /// The URL users reach the API at (for `verification_uri`); default: `http://` + the
+    /// request's `Host`.
+    pub public_url: Option<String>,
 }
 
 impl Default for ControlConfig {
@@ -44,6 +61,11 @@ impl Default for ControlConfig {
             plain_http_registries: Vec::new(),
             max_watch: Duration::from_secs(60),
             reconcile_tick: Duration::from_millis(500),
+            clock: Clock::default(),
+            device_code_ttl: Duration::from_secs(600),
+            device_poll_interval: Duration::from_secs(5),
+            login_token_ttl: Duration::from_secs(7 * 24 * 3600),
+            public_url: None,
         }
     }
 }
@@ -55,6 +77,9 @@ pub struct Control {
     pub(crate) registry: kiln_oci::RegistryClient,
     pub(crate) logs: logs::LogStore,
     pub(crate) exec: exec::ExecBroker,
+    pub(crate) device: device::DeviceFlows,
+    /// When each token last had a `token_used` event appended by this replica.
+    pub(crate) token_touches: std::sync::Mutex<std::collections::HashMap<kiln_types::TokenId, i64>>,
 }
 
 /// What first start created: the one org and its admin token (shown once, stored only as a hash).
@@ -77,6 +102,8 @@ impl Control {
             registry,
             logs: logs::LogStore::new(),
             exec: exec::ExecBroker::default(),
+            device: device::DeviceFlows::default(),
+            token_touches: Default::default(),
         }))
     }
 
