@@ -107,7 +107,7 @@ pub fn current() -> Result<Context, CliError> {
     let file = load()?;
     let name = file.current.clone().ok_or_else(|| {
         CliError::new(exit::AUTH, "no control plane configured")
-            .hint("run the `kiln context add ...` command that `kilnd dev` printed at first start")
+            .hint("run `kiln login --url URL`, or the `kiln context add ...` command that `kilnd dev` printed at first start")
     })?;
     file.contexts.get(&name).cloned().ok_or_else(|| {
         CliError::new(
