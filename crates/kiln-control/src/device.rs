@@ -15,8 +15,8 @@
 //! Pending authorizations live in this process's memory (they last minutes and are worth nothing
 //! after a restart: the CLI starts over); with several replicas, the device endpoints need
 //! sticky routing. Attempts are bounded: 5 wrong passwords end an authorization, 10 failures per
-//! email per 15 minutes lock that email out of this page, and unknown user codes are limited to
-//! 30 a minute for the whole process.
+//! email per 15 minutes lock that email out of this page, unknown user codes are limited to 30 a
+//! minute for the whole process, and at most 4 password checks run at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -96,10 +96,26 @@ struct FlowState {
     bad_codes: (i64, u32),
 }
 
+/// Password checks (argon2, about 19 MiB and tens of ms each) running at once; more are refused
+/// with 429 rather than let sign-in attempts take the machine's memory and CPU.
+const MAX_CONCURRENT_CHECKS: usize = 4;
+/// Emails tracked for failed sign-ins; past this, entries outside the window are dropped, then all.
+const MAX_TRACKED_EMAILS: usize = 50_000;
+
 /// The device authorizations of this process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct DeviceFlows {
     state: Mutex<FlowState>,
+    checks: tokio::sync::Semaphore,
+}
+
+impl Default for DeviceFlows {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
+        }
+    }
 }
 
 impl DeviceFlows {
@@ -608,6 +624,13 @@ pub(crate) async fn device_submit(
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| dummy_hash().to_owned());
+    let Ok(_permit) = c.device.checks.try_acquire() else {
+        return message(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Busy",
+            "Too many sign-ins at once. Try again in a moment.",
+        );
+    };
     let password = f.password;
     let verified = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
         .await
@@ -616,6 +639,13 @@ pub(crate) async fn device_submit(
         Some(u) if verified => u,
         _ => {
             let mut st = c.device.lock();
+            if st.email_failures.len() >= MAX_TRACKED_EMAILS {
+                st.email_failures
+                    .retain(|_, (start, _)| now - *start < EMAIL_WINDOW_MS);
+                if st.email_failures.len() >= MAX_TRACKED_EMAILS {
+                    st.email_failures.clear();
+                }
+            }
             let entry = st.email_failures.entry(email).or_insert((now, 0));
             if now - entry.0 >= EMAIL_WINDOW_MS {
                 *entry = (now, 0);

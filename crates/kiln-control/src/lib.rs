@@ -180,14 +180,15 @@ impl Control {
         Ok(token)
     }
 
-    /// Whether a token (by its secret) is known to the store.
+    /// Whether a token (by its secret) is known to the store, not revoked and not expired.
     pub async fn token_is_valid(&self, token: &str) -> Result<bool, ControlError> {
+        let now = self.config.clock.now_millis();
         Ok(self
             .store
             .token_by_hash(hash_token(token))
             .await
             .map_err(ControlError::store("look up token"))?
-            .is_some())
+            .is_some_and(|t| t.revoked_at.is_none() && t.expires_at.is_none_or(|e| e > now)))
     }
 
     /// The org of the single-org bootstrap, for `kilnd dev`.

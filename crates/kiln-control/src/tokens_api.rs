@@ -6,7 +6,9 @@
 //!    new one with `app`). A token cannot mint a wider one.
 //! 2. A token bound to a user always expires (default 30 days, at most 365); only a machine admin
 //!    token may create a token that never expires.
-//! 3. Admin sees and revokes every token of its org; a user token those of its user; any token
+//! 3. A token restricted to one app carries only `read`, `deploy`, `exec` and `secrets:write`
+//!    (default `read` + `deploy`): never `admin`, `host` or `edge`.
+//! 4. Admin sees and revokes every token of its org; a user token those of its user; any token
 //!    itself. Anything else answers 404, like a token that does not exist.
 
 use std::sync::Arc;
@@ -31,6 +33,8 @@ type ApiResult<T> = Result<T, ApiFailure>;
 pub(crate) const DEFAULT_TTL_SECS: u64 = 30 * 24 * 3600;
 /// Longest lifetime of a token bound to a user.
 pub(crate) const MAX_USER_TTL_SECS: u64 = 365 * 24 * 3600;
+/// The scopes a token restricted to one app may carry (not org-wide or infrastructure ones).
+const APP_SCOPES: [Scope; 4] = [Scope::Read, Scope::Deploy, Scope::Exec, Scope::SecretsWrite];
 /// Longest token name.
 const MAX_NAME: usize = 100;
 
@@ -135,34 +139,6 @@ pub(crate) async fn create_token(
             format!("a token name has 1 to {MAX_NAME} printable characters"),
         ));
     }
-    let mut scopes = Vec::new();
-    let requested: Vec<String> = if body.scopes.is_empty() {
-        p.scopes.clone()
-    } else {
-        body.scopes.clone()
-    };
-    for s in &requested {
-        let scope = Scope::parse(s).ok_or_else(|| {
-            ApiFailure::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_scope",
-                format!(
-                    "unknown scope {s:?}; scopes are {}",
-                    Scope::ALL.map(Scope::as_str).join(", ")
-                ),
-            )
-        })?;
-        if !p.has(scope) {
-            return Err(ApiFailure::new(
-                StatusCode::FORBIDDEN,
-                "insufficient_scope",
-                format!("this token lacks the `{scope}` scope, so it cannot grant it"),
-            ));
-        }
-        if !scopes.contains(&scope) {
-            scopes.push(scope);
-        }
-    }
     // The app restriction: the caller's own, or a narrower one.
     let app_id = match (&body.app, &p.app_id) {
         (None, restricted) => restricted.clone(),
@@ -179,6 +155,57 @@ pub(crate) async fn create_token(
             Some(app.id)
         }
     };
+    let app_scoped = app_id.is_some();
+    let mut scopes = Vec::new();
+    let requested: Vec<String> = match (body.scopes.is_empty(), app_scoped) {
+        (false, _) => body.scopes.clone(),
+        (true, false) => p.scopes.clone(),
+        // A CI token by default: read and deploy, as far as the caller has them.
+        (true, true) => [Scope::Read, Scope::Deploy]
+            .into_iter()
+            .filter(|s| p.has(*s))
+            .map(|s| s.as_str().to_owned())
+            .collect(),
+    };
+    for s in &requested {
+        let scope = Scope::parse(s).ok_or_else(|| {
+            ApiFailure::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_scope",
+                format!(
+                    "unknown scope {s:?}; scopes are {}",
+                    Scope::ALL.map(Scope::as_str).join(", ")
+                ),
+            )
+        })?;
+        if app_scoped && !APP_SCOPES.contains(&scope) {
+            return Err(ApiFailure::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_scope",
+                format!(
+                    "a token restricted to one app may carry only {}",
+                    APP_SCOPES.map(Scope::as_str).join(", ")
+                ),
+            ));
+        }
+        if !p.has(scope) {
+            return Err(ApiFailure::new(
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                format!("this token lacks the `{scope}` scope, so it cannot grant it"),
+            ));
+        }
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    if scopes.is_empty() {
+        return Err(ApiFailure::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_scope",
+            "a token needs at least one scope",
+        ));
+    }
     let now = c.config.clock.now_millis();
     let expires_at = if body.no_expiry {
         if p.user_id.is_some() {

@@ -369,6 +369,28 @@ async fn app_scoped_revoked_and_expired_tokens() {
         .await
         .unwrap();
     assert!(ci.secret.starts_with("kiln_"));
+    // App-scoped tokens never carry org-wide or infrastructure scopes; by default read + deploy.
+    for scope in ["admin", "host", "edge"] {
+        let err = admin
+            .create_token(&CreateToken {
+                name: "bad".into(),
+                scopes: vec![scope.into()],
+                app: Some("web".parse().unwrap()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("invalid_scope"), "{scope}");
+    }
+    let default = admin
+        .create_token(&CreateToken {
+            name: "ci-default".into(),
+            app: Some("web".parse().unwrap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(default.token.scopes, ["read", "deploy"]);
     assert_eq!(ci.token.app.as_ref().map(|a| a.as_str()), Some("web"));
     let ci_client = env.client(&ci.secret);
     assert!(ci_client.status("web").await.is_ok());

@@ -592,6 +592,10 @@ pub struct ServeArgs {
     /// Registries reached over plain HTTP besides loopback ones (repeat for several).
     #[arg(long = "plain-http-registry")]
     pub plain_http_registries: Vec<String>,
+    /// The URL users reach the API at, for the device login's verification link (default:
+    /// `http://` + the request's Host header).
+    #[arg(long)]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -625,6 +629,7 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
                 ControlConfig {
                     app_domain: args.domain.clone(),
                     plain_http_registries: args.plain_http_registries.clone(),
+                    public_url: args.public_url.clone(),
                     ..Default::default()
                 },
             )?;
