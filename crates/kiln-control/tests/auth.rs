@@ -508,3 +508,38 @@ async fn last_use_is_recorded_at_most_once_a_minute() {
     .unwrap();
     assert_eq!(used_events().await, 2);
 }
+
+#[tokio::test]
+async fn tokens_of_another_org_do_not_exist_for_a_caller() {
+    let env = start().await;
+    let store = env.control.store().clone();
+    let other = kiln_types::OrgId::generate();
+    store
+        .append(kiln_store::Append {
+            events: vec![kiln_store::NewEvent::any(
+                kiln_types::event::Event::OrgCreated {
+                    org_id: other.clone(),
+                    name: "globex".into(),
+                },
+            )],
+            metadata: Default::default(),
+            idempotency: None,
+        })
+        .await
+        .unwrap();
+    let theirs = env
+        .control
+        .create_token(&other, "globex-admin", &[kiln_control::Scope::Admin])
+        .await
+        .unwrap();
+    let theirs = env.client(&theirs);
+    let ours = env.client(&env.admin);
+    let our_tokens = ours.list_tokens().await.unwrap();
+    let their_tokens = theirs.list_tokens().await.unwrap();
+    assert_eq!(our_tokens.len(), 1);
+    assert_eq!(their_tokens.len(), 1);
+    assert_ne!(our_tokens[0].id, their_tokens[0].id);
+    let err = theirs.revoke_token(&our_tokens[0].id).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"));
+    assert!(ours.whoami().await.is_ok(), "still valid");
+}
