@@ -87,13 +87,7 @@ pub(crate) async fn whoami(State(c): Ctl, p: Principal) -> ApiResult<Json<WhoAmI
 
 async fn app_name(c: &Control, app: &Option<kiln_types::AppId>) -> ApiResult<Option<AppName>> {
     let Some(app) = app else { return Ok(None) };
-    // Apps are few per org; the view has no lookup by id yet.
-    Ok(c.store
-        .apps(None)
-        .await?
-        .into_iter()
-        .find(|a| &a.id == app)
-        .map(|a| a.name))
+    Ok(c.store.app(app.clone()).await?.map(|a| a.name))
 }
 
 fn info(row: TokenRow, app: Option<AppName>) -> TokenInfo {

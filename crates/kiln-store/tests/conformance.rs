@@ -449,6 +449,7 @@ async fn append_updates_views_and_head(env: Env) {
     // Read-your-writes: the view has the app as soon as the append returned.
     let app = s.app_by_name("demo".into()).await.unwrap().unwrap();
     assert_eq!(app.id, app_id);
+    assert_eq!(s.app(app_id.clone()).await.unwrap(), Some(app.clone()));
     assert_eq!(s.apps(Some(org)).await.unwrap().len(), 1);
     assert_eq!(s.apps(Some(OrgId::generate())).await.unwrap().len(), 0);
     // The envelope round-trips: stream, version, type, schema version, metadata, time.
