@@ -491,6 +491,77 @@ mod tests {
     }
 
     #[test]
+    fn identity_events_round_trip_and_old_token_payloads_still_decode() {
+        let org_id = OrgId::generate();
+        let user_id = UserId::generate();
+        let token_id = TokenId::generate();
+        let events = [
+            Event::TokenCreated {
+                token_id: token_id.clone(),
+                org_id: org_id.clone(),
+                name: "ci".into(),
+                hash: "ab".repeat(32),
+                scopes: vec!["deploy".into()],
+                expires_at: Some(1),
+                user_id: Some(user_id.clone()),
+                app_id: Some(AppId::generate()),
+            },
+            Event::TokenRevoked {
+                token_id: token_id.clone(),
+                org_id: org_id.clone(),
+            },
+            Event::TokenUsed {
+                token_id: token_id.clone(),
+                org_id: org_id.clone(),
+                at: 5,
+            },
+            Event::UserCreated {
+                user_id: user_id.clone(),
+                email: "ada@example.com".into(),
+                password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+            },
+            Event::MembershipGranted {
+                org_id: org_id.clone(),
+                user_id: user_id.clone(),
+                role: Role::Viewer,
+            },
+            Event::MembershipRevoked {
+                org_id: org_id.clone(),
+                user_id: user_id.clone(),
+            },
+        ];
+        for ev in events {
+            let (t, data) = ev.to_parts();
+            assert!(Event::CATALOG.contains(&t));
+            assert_eq!(Event::decode(t, 1, data).unwrap(), ev);
+        }
+        assert_eq!(
+            Event::UserCreated {
+                user_id: user_id.clone(),
+                email: String::new(),
+                password_hash: String::new()
+            }
+            .stream()
+            .kind,
+            StreamType::User
+        );
+        // A token_created written before tokens had users and apps.
+        let old = serde_json::json!({
+            "token_id": token_id, "org_id": org_id, "name": "admin", "hash": "cd",
+            "scopes": ["admin"], "expires_at": null,
+        });
+        let Event::TokenCreated {
+            user_id, app_id, ..
+        } = Event::decode("token_created", 1, old).unwrap()
+        else {
+            panic!("not a token_created")
+        };
+        assert_eq!((user_id, app_id), (None, None));
+        assert_eq!(Role::parse("owner"), Some(Role::Owner));
+        assert_eq!(Role::parse("root"), None);
+    }
+
+    #[test]
     fn host_registered_v1_is_upcast_and_v2_is_written() {
         let host_id = HostId::generate();
         let v1 = serde_json::json!({
