@@ -418,6 +418,79 @@ impl Client {
 }
 
 /// Reads an error response into [`ApiError::Api`].
+// ---- Auth: tokens and device login. ----
+impl Client {
+    pub async fn create_token(&self, body: &CreateToken) -> Result<CreatedToken, ApiError> {
+        self.post("/v1/tokens", body, None).await
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, ApiError> {
+        self.get("/v1/tokens").await
+    }
+
+    /// Revokes a token (the caller's own, one of its user's, or any of the org with admin).
+    pub async fn revoke_token(&self, id: &kiln_types::TokenId) -> Result<TokenInfo, ApiError> {
+        let path = format!("/v1/tokens/{id}");
+        self.send(&path, self.req(reqwest::Method::DELETE, &path))
+            .await
+    }
+
+    /// Starts a device login (needs no token).
+    pub async fn device_code(
+        &self,
+        body: &DeviceCodeRequest,
+    ) -> Result<DeviceAuthorization, ApiError> {
+        let path = "/v1/device/code";
+        self.send(
+            path,
+            self.http.post(format!("{}{}", self.base, path)).form(body),
+        )
+        .await
+    }
+
+    /// Polls for the token of a device login: `Ok(Err(e))` is an OAuth error answer
+    /// (`authorization_pending`, `slow_down`, ...), `Err` anything else.
+    pub async fn device_token(
+        &self,
+        body: &DeviceTokenRequest,
+    ) -> Result<Result<DeviceAccessToken, OAuthError>, ApiError> {
+        let path = "/v1/device/token";
+        let resp = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .form(body)
+            .send()
+            .await
+            .map_err(|source| ApiError::Connect {
+                url: self.base.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp
+                .json()
+                .await
+                .map(Ok)
+                .map_err(|source| ApiError::Decode {
+                    path: path.to_owned(),
+                    source,
+                });
+        }
+        if status == reqwest::StatusCode::BAD_REQUEST {
+            let text = resp.text().await.unwrap_or_default();
+            return match serde_json::from_str::<OAuthError>(&text) {
+                Ok(e) => Ok(Err(e)),
+                Err(_) => Ok(Err(OAuthError {
+                    error: "invalid_request".into(),
+                    error_description: Some(text.chars().take(200).collect()),
+                    interval: None,
+                })),
+            };
+        }
+        Err(problem_of(resp).await)
+    }
+}
+
 async fn problem_of(resp: reqwest::Response) -> ApiError {
     let status = resp.status();
     let request_id = resp

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use kiln_types::event::{Driver, ReleaseState};
+use kiln_types::event::{Driver, ReleaseState, Role};
 use kiln_types::{
     AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, MiB, MilliCpu, OrgId, ReleaseId,
-    ServiceProtocol, UnixMillis, WorkloadSpec,
+    ServiceProtocol, TokenId, UnixMillis, UserId, WorkloadSpec,
 };
 
 /// Header carrying the idempotency key of a mutating request.
@@ -239,6 +239,21 @@ pub struct WhoAmI {
     pub org_id: OrgId,
     pub token_name: String,
     pub scopes: Vec<String>,
+    #[serde(default)]
+    pub token_id: Option<TokenId>,
+    #[serde(default)]
+    pub org_name: Option<String>,
+    /// The user the token acts for (login and user-made tokens).
+    #[serde(default)]
+    pub user: Option<UserRef>,
+    /// The user's role in the org.
+    #[serde(default)]
+    pub role: Option<Role>,
+    /// The one app the token is restricted to.
+    #[serde(default)]
+    pub app: Option<AppName>,
+    #[serde(default)]
+    pub expires_at: Option<UnixMillis>,
 }
 
 /// Labels for a `kiln status` table.
@@ -288,4 +303,145 @@ pub struct Rollback {
     /// The release to restore; default: the newest healthy release before the current one.
     #[serde(default)]
     pub version: Option<u64>,
+}
+
+// ---- Auth: tokens and device login (RFC 8628). See docs/specs/api/auth.md. ----
+
+/// A user, as other resources refer to one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRef {
+    pub id: UserId,
+    pub email: String,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateToken {
+    pub name: String,
+    /// Scope names (`read`, `deploy`, `secrets:write`, ...); each must be one the caller has.
+    /// Empty: the caller's own scopes.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Restrict the token to this app (a CI deploy token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppName>,
+    /// Lifetime in seconds (default 30 days; user tokens at most 365 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+    /// A token that never expires (only for tokens not bound to a user).
+    #[serde(default)]
+    pub no_expiry: bool,
+}
+
+/// A token as listed: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: TokenId,
+    pub name: String,
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub app: Option<AppName>,
+    #[serde(default)]
+    pub user_id: Option<UserId>,
+    pub created_at: UnixMillis,
+    #[serde(default)]
+    pub expires_at: Option<UnixMillis>,
+    /// Updated at most about once a minute.
+    #[serde(default)]
+    pub last_used_at: Option<UnixMillis>,
+    #[serde(default)]
+    pub revoked_at: Option<UnixMillis>,
+}
+
+/// The answer to `POST /v1/tokens`: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub token: TokenInfo,
+    pub secret: String,
+}
+
+/// `grant_type` of the device access token request (RFC 8628 section 3.4).
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+
+/// `POST /v1/device/code`, form-encoded (RFC 8628 section 3.1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceCodeRequest {
+    pub client_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Kiln extension: the org (by name) to sign in to, for users of several orgs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+}
+
+/// The device authorization response (RFC 8628 section 3.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceAuthorization {
+    pub device_code: String,
+    pub user_code: String,
+    pub verification_uri: String,
+    pub verification_uri_complete: String,
+    /// Seconds until the codes expire.
+    pub expires_in: u64,
+    /// Least seconds between polls.
+    pub interval: u64,
+}
+
+/// `POST /v1/device/token`, form-encoded (RFC 8628 section 3.4).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceTokenRequest {
+    pub grant_type: String,
+    pub device_code: String,
+    pub client_id: String,
+}
+
+/// A successful device access token response (RFC 6749 section 5.1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceAccessToken {
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    pub expires_in: u64,
+    /// The granted scopes, space-separated.
+    pub scope: String,
+}
+
+/// An OAuth error response (RFC 6749 section 5.2, codes of RFC 8628 section 3.5):
+/// `authorization_pending`, `slow_down`, `access_denied`, `expired_token`, `invalid_grant`,
+/// `invalid_request`, `unsupported_grant_type`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OAuthError {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_description: Option<String>,
+    /// With `slow_down`: the interval to use from now on (Kiln sends it; RFC clients add 5 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<u64>,
+}
+
+/// The verification page's form (`POST /v1/device`, form-encoded).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeviceApproval {
+    /// Must equal the page's CSRF cookie.
+    #[serde(default)]
+    pub csrf: String,
+    #[serde(default)]
+    pub user_code: String,
+    #[serde(default)]
+    pub email: String,
+    #[serde(default)]
+    pub password: String,
+    /// The org to sign in to (by name); empty: the one the CLI asked for, else the user's first.
+    #[serde(default)]
+    pub org: String,
+    /// `approve` or `deny`.
+    #[serde(default)]
+    pub action: String,
+}
+
+/// `GET /v1/device` query: a prefilled user code (from `verification_uri_complete`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DevicePageQuery {
+    #[serde(default)]
+    pub user_code: Option<String>,
 }

@@ -52,8 +52,15 @@ pub enum Command {
     /// Manage the control planes this CLI talks to.
     #[command(subcommand)]
     Context(ContextCmd),
-    /// Show who the current token belongs to.
+    /// Show who the current token belongs to: user, org, role, scopes, expiry.
     Whoami,
+    /// Sign in with your email and password in a browser (device login) and save a context.
+    Login(crate::auth_cmd::LoginArgs),
+    /// Revoke the current context's token and remove the context.
+    Logout(crate::auth_cmd::LogoutArgs),
+    /// Create, list and revoke API tokens (CI deploy tokens, scripts).
+    #[command(subcommand)]
+    Tokens(crate::auth_cmd::TokensCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -305,18 +312,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Rollback(args) => crate::ops_cmd::rollback(args).await,
         Command::Hosts(cmd) => crate::ops_cmd::hosts(cmd).await,
         Command::Context(cmd) => context_cmd(cmd).await,
-        Command::Whoami => {
-            let ctx = context::current()?;
-            let me = client(&ctx)?.whoami().await?;
-            println!(
-                "token {:?} of org {} at {} (scopes: {})",
-                me.token_name,
-                me.org_id,
-                ctx.api,
-                me.scopes.join(", ")
-            );
-            Ok(())
-        }
+        Command::Whoami => crate::auth_cmd::whoami().await,
+        Command::Login(args) => crate::auth_cmd::login(args).await,
+        Command::Logout(args) => crate::auth_cmd::logout(args).await,
+        Command::Tokens(cmd) => crate::auth_cmd::tokens(cmd).await,
     }
 }
 
@@ -324,9 +323,15 @@ async fn context_cmd(cmd: ContextCmd) -> Result<(), CliError> {
     let mut file = context::load()?;
     match cmd {
         ContextCmd::Add { name, api, token } => {
-            let ctx = Context { api, token };
+            let mut ctx = Context {
+                api,
+                token,
+                ..Default::default()
+            };
             // Prove the pair works before saving it.
             let me = client(&ctx)?.whoami().await?;
+            ctx.org = me.org_name.clone();
+            ctx.user = me.user.as_ref().map(|u| u.email.clone());
             file.contexts.insert(name.clone(), ctx);
             file.current = Some(name.clone());
             context::save(&file)?;
@@ -353,7 +358,12 @@ async fn context_cmd(cmd: ContextCmd) -> Result<(), CliError> {
                 } else {
                     " "
                 };
-                println!("{mark} {name:<16} {}", ctx.api);
+                println!(
+                    "{mark} {name:<20} {:<28} org={} user={}",
+                    ctx.api,
+                    ctx.org.as_deref().unwrap_or("-"),
+                    ctx.user.as_deref().unwrap_or("-")
+                );
             }
         }
     }
@@ -556,7 +566,7 @@ async fn logs(args: LogsArgs) -> Result<(), CliError> {
 }
 
 /// `2026-11-26T01:02:03.456Z` from milliseconds since the epoch (UTC, no time-zone database).
-fn format_ts(ms: i64) -> String {
+pub(crate) fn format_ts(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil-from-days (Howard Hinnant's algorithm).

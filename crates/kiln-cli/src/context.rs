@@ -20,10 +20,16 @@ pub struct ContextFile {
     pub contexts: BTreeMap<String, Context>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Context {
     pub api: String,
     pub token: String,
+    /// The org the token belongs to (by name), for `kiln context list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    /// The user the token acts for (their email), when it came from `kiln login`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 pub fn path() -> PathBuf {
@@ -92,12 +98,16 @@ pub fn save(file: &ContextFile) -> Result<(), CliError> {
 /// The control plane and token to use.
 pub fn current() -> Result<Context, CliError> {
     if let (Ok(api), Ok(token)) = (std::env::var("KILN_API_URL"), std::env::var("KILN_TOKEN")) {
-        return Ok(Context { api, token });
+        return Ok(Context {
+            api,
+            token,
+            ..Default::default()
+        });
     }
     let file = load()?;
     let name = file.current.clone().ok_or_else(|| {
         CliError::new(exit::AUTH, "no control plane configured")
-            .hint("run the `kiln context add ...` command that `kilnd dev` printed at first start")
+            .hint("run `kiln login --url URL`, or the `kiln context add ...` command that `kilnd dev` printed at first start")
     })?;
     file.contexts.get(&name).cloned().ok_or_else(|| {
         CliError::new(

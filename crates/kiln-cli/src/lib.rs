@@ -5,6 +5,7 @@
 //! failures to messages that say what to do next and to documented exit codes
 //! ([`exit`]). It talks to the platform only through `kiln-api`'s client.
 
+mod auth_cmd;
 mod cmd;
 mod config_cmd;
 mod context;

@@ -13,13 +13,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
 
 use kiln_api::{
     App, AppStatus, Assignment, Assignments, CreateApp, CreateRelease, HostRegistration, Instance,
-    InstanceReport, PortRoute, RegisterHost, Release, Route, RouteTable, WatchQuery, WhoAmI,
+    InstanceReport, PortRoute, RegisterHost, Release, Route, RouteTable, WatchQuery,
     IDEMPOTENCY_KEY, REQUEST_ID,
 };
 use kiln_store::{
@@ -38,7 +38,18 @@ type ApiResult<T> = Result<T, ApiFailure>;
 pub(crate) fn router(control: Arc<Control>) -> Router {
     Router::new()
         .route("/v1/healthz", get(|| async { "ok" }))
-        .route("/v1/whoami", get(whoami))
+        .route("/v1/whoami", get(crate::tokens_api::whoami))
+        .route(
+            "/v1/tokens",
+            get(crate::tokens_api::list_tokens).post(crate::tokens_api::create_token),
+        )
+        .route("/v1/tokens/{id}", delete(crate::tokens_api::revoke_token))
+        .route("/v1/device/code", post(crate::device::device_code))
+        .route("/v1/device/token", post(crate::device::device_token))
+        .route(
+            "/v1/device",
+            get(crate::device::device_page).post(crate::device::device_submit),
+        )
         .route("/v1/apps", get(list_apps).post(create_app))
         .route("/v1/apps/{app}/status", get(app_status))
         .route(
@@ -105,14 +116,6 @@ pub(crate) fn metadata(p: &Principal, headers: &HeaderMap) -> Metadata {
     }
 }
 
-async fn whoami(p: Principal) -> Json<WhoAmI> {
-    Json(WhoAmI {
-        org_id: p.org_id,
-        token_name: p.token_name,
-        scopes: p.scopes,
-    })
-}
-
 fn app_view(c: &Control, row: AppRow) -> App {
     App {
         hostname: format!("{}.{}", row.name, c.config.app_domain),
@@ -155,7 +158,7 @@ fn instance_view(i: InstanceRow) -> Instance {
 /// The app named `name`, if it exists and belongs to the caller's org.
 pub(crate) async fn owned_app(c: &Control, p: &Principal, name: &str) -> ApiResult<AppRow> {
     match c.store.app_by_name(name.to_owned()).await? {
-        Some(app) if app.org_id == p.org_id => Ok(app),
+        Some(app) if app.org_id == p.org_id && p.allows_app(&app.id) => Ok(app),
         _ => Err(ApiFailure::not_found("app", name)),
     }
 }
@@ -163,7 +166,12 @@ pub(crate) async fn owned_app(c: &Control, p: &Principal, name: &str) -> ApiResu
 async fn list_apps(State(c): Ctl, p: Principal) -> ApiResult<Json<Vec<App>>> {
     p.require(Scope::Read)?;
     let rows = c.store.apps(Some(p.org_id.clone())).await?;
-    Ok(Json(rows.into_iter().map(|r| app_view(&c, r)).collect()))
+    Ok(Json(
+        rows.into_iter()
+            .filter(|r| p.allows_app(&r.id))
+            .map(|r| app_view(&c, r))
+            .collect(),
+    ))
 }
 
 async fn create_app(
@@ -173,6 +181,13 @@ async fn create_app(
     Json(body): Json<CreateApp>,
 ) -> ApiResult<(StatusCode, Json<App>)> {
     p.require(Scope::Deploy)?;
+    if p.app_id.is_some() {
+        return Err(ApiFailure::new(
+            StatusCode::FORBIDDEN,
+            "app_scoped_token",
+            "this token is restricted to one app and cannot create apps",
+        ));
+    }
     if c.store.app_by_name(body.name.to_string()).await?.is_some() {
         return Err(ApiFailure::new(
             StatusCode::CONFLICT,

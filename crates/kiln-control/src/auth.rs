@@ -1,4 +1,6 @@
-//! Tokens: opaque secrets with the `kiln_` prefix, stored only as SHA-256 hashes.
+//! Tokens: opaque secrets with the `kiln_` prefix, stored only as SHA-256 hashes; the scopes they
+//! carry; and the [`Principal`] extractor that authenticates every request (unknown, revoked and
+//! expired tokens are refused; a token restricted to one app sees no other app).
 
 use std::fmt;
 
@@ -8,7 +10,7 @@ use axum::http::StatusCode;
 use sha2::{Digest, Sha256};
 
 use kiln_types::event::Event;
-use kiln_types::{now_millis, OrgId, TokenId};
+use kiln_types::{AppId, OrgId, TokenId, UnixMillis, UserId};
 
 use crate::error::ApiFailure;
 
@@ -30,9 +32,23 @@ pub enum Scope {
     Host,
     /// An edge: watch routes.
     Edge,
+    // -- Added with users and tokens (issue 5, auth half). --
+    /// Set and unset app secrets (names and versions are readable with `read`).
+    SecretsWrite,
 }
 
 impl Scope {
+    /// Every scope, in documentation order (docs/security/02-authz-and-scopes.md).
+    pub const ALL: [Scope; 7] = [
+        Scope::Admin,
+        Scope::Read,
+        Scope::Deploy,
+        Scope::Exec,
+        Scope::Host,
+        Scope::Edge,
+        Scope::SecretsWrite,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Admin => "admin",
@@ -41,7 +57,12 @@ impl Scope {
             Scope::Exec => "exec",
             Scope::Host => "host",
             Scope::Edge => "edge",
+            Scope::SecretsWrite => "secrets:write",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|x| x.as_str() == s)
     }
 }
 
@@ -75,17 +96,44 @@ pub(crate) fn new_token_event(
     scopes: &[Scope],
     expires_at: Option<i64>,
 ) -> (String, Event) {
+    new_token(NewToken {
+        org,
+        name,
+        scopes,
+        expires_at,
+        user_id: None,
+        app_id: None,
+    })
+}
+
+/// What a new token is.
+pub(crate) struct NewToken<'a> {
+    pub org: &'a OrgId,
+    pub name: &'a str,
+    pub scopes: &'a [Scope],
+    pub expires_at: Option<UnixMillis>,
+    pub user_id: Option<UserId>,
+    pub app_id: Option<AppId>,
+}
+
+/// A fresh secret and the `token_created` event recording its hash.
+pub(crate) fn new_token(t: NewToken<'_>) -> (String, Event) {
     let token = generate_token();
     let event = Event::TokenCreated {
         token_id: TokenId::generate(),
-        org_id: org.clone(),
-        name: name.to_owned(),
+        org_id: t.org.clone(),
+        name: t.name.to_owned(),
         hash: hash_token(&token),
-        scopes: scopes.iter().map(|s| s.as_str().to_owned()).collect(),
-        expires_at,
+        scopes: t.scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+        expires_at: t.expires_at,
+        user_id: t.user_id,
+        app_id: t.app_id,
     };
     (token, event)
 }
+
+/// Least time between two `token_used` events of one token from one replica.
+pub(crate) const TOUCH_EVERY_MS: i64 = 60_000;
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone)]
@@ -94,22 +142,35 @@ pub(crate) struct Principal {
     pub token_name: String,
     pub org_id: OrgId,
     pub scopes: Vec<String>,
+    /// The user the token acts for, if any.
+    pub user_id: Option<UserId>,
+    /// The one app the token may touch, if it is restricted.
+    pub app_id: Option<AppId>,
+    pub expires_at: Option<UnixMillis>,
 }
 
 impl Principal {
-    /// Succeeds when the token has `scope` or admin.
-    pub fn require(&self, scope: Scope) -> Result<(), ApiFailure> {
-        if self
-            .scopes
+    /// Whether the token has `scope` (or admin, which implies every scope).
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes
             .iter()
             .any(|s| s == scope.as_str() || s == Scope::Admin.as_str())
-        {
+    }
+
+    /// Whether the token may touch `app` at all (an app-scoped token sees only its app).
+    pub fn allows_app(&self, app: &AppId) -> bool {
+        self.app_id.as_ref().is_none_or(|a| a == app)
+    }
+
+    /// Succeeds when the token has `scope` or admin.
+    pub fn require(&self, scope: Scope) -> Result<(), ApiFailure> {
+        if self.has(scope) {
             Ok(())
         } else {
             Err(ApiFailure::new(
                 StatusCode::FORBIDDEN,
                 "insufficient_scope",
-                format!("this token lacks the {scope:?} scope"),
+                format!("this token lacks the `{scope}` scope"),
             ))
         }
     }
@@ -141,17 +202,73 @@ impl FromRequestParts<std::sync::Arc<crate::Control>> for Principal {
             .store
             .token_by_hash(hash_token(token))
             .await?
-            .ok_or_else(|| unauthorized("unknown or revoked token"))?;
-        if row.expires_at.is_some_and(|t| t <= now_millis()) {
+            .ok_or_else(|| unauthorized("unknown token"))?;
+        if row.revoked_at.is_some() {
+            return Err(unauthorized("token revoked"));
+        }
+        let now = control.config.clock.now_millis();
+        if row.expires_at.is_some_and(|t| t <= now) {
             return Err(unauthorized("token expired"));
         }
+        touch(control, &row, now);
         Ok(Principal {
             token_id: row.id,
             token_name: row.name,
             org_id: row.org_id,
             scopes: row.scopes,
+            user_id: row.user_id,
+            app_id: row.app_id,
+            expires_at: row.expires_at,
         })
     }
+}
+
+/// Records the token's use, at most once per [`TOUCH_EVERY_MS`] per token: skipped while the view
+/// says it was used recently or this replica appended a `token_used` recently. The append runs in
+/// the background; the request does not wait for it.
+fn touch(control: &std::sync::Arc<crate::Control>, row: &kiln_store::TokenRow, now: i64) {
+    if row.last_used_at.is_some_and(|t| now - t < TOUCH_EVERY_MS) {
+        return;
+    }
+    {
+        let mut touches = control
+            .token_touches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if touches
+            .get(&row.id)
+            .is_some_and(|t| now - *t < TOUCH_EVERY_MS)
+        {
+            return;
+        }
+        // Bounded: entries older than the window are useless, drop them when the map grows.
+        if touches.len() > 100_000 {
+            touches.retain(|_, t| now - *t < TOUCH_EVERY_MS);
+        }
+        touches.insert(row.id.clone(), now);
+    }
+    let control = control.clone();
+    let event = Event::TokenUsed {
+        token_id: row.id.clone(),
+        org_id: row.org_id.clone(),
+        at: now,
+    };
+    tokio::spawn(async move {
+        let res = control
+            .store
+            .append(kiln_store::Append {
+                events: vec![kiln_store::NewEvent::any(event)],
+                metadata: kiln_store::Metadata {
+                    actor: "system:auth".into(),
+                    ..Default::default()
+                },
+                idempotency: None,
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(error = %kiln_types::error_chain(&e), "cannot record token use");
+        }
+    });
 }
 
 #[cfg(test)]
@@ -167,5 +284,13 @@ mod tests {
         let h = hash_token(&t);
         assert_eq!(h.len(), 64);
         assert!(!h.contains(&t[5..]));
+    }
+
+    #[test]
+    fn scopes_round_trip() {
+        for s in Scope::ALL {
+            assert_eq!(Scope::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Scope::parse("root"), None);
     }
 }

@@ -14,6 +14,8 @@ pub enum ControlError {
         #[source]
         source: kiln_store::StoreError,
     },
+    #[error("cannot create the user: {reason}")]
+    InvalidUser { reason: String },
     #[error("cannot build the registry client")]
     RegistryClient {
         #[source]

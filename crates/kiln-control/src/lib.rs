@@ -9,12 +9,16 @@
 
 mod api;
 mod auth;
+mod clock;
+mod device;
 mod error;
 mod exec;
 mod hosts;
 mod ips;
 mod logs;
 mod reconciler;
+mod tokens_api;
+mod users;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +27,10 @@ use kiln_store::Store;
 use kiln_types::OrgId;
 
 pub use auth::{generate_token, hash_token, Scope};
+pub use clock::Clock;
 pub use error::ControlError;
 pub use reconciler::Reconciler;
+pub use users::{role_scopes, NewUser};
 
 /// Control-plane settings.
 #[derive(Debug, Clone)]
@@ -41,6 +47,17 @@ pub struct ControlConfig {
     pub ipv4_pool: Option<kiln_types::net::Ipv4Pool>,
     /// A host whose agent is silent this long is declared down (agents beat every 5 s).
     pub host_down_after: Duration,
+    /// The clock of auth decisions (expiry, polling); tests move it forward.
+    pub clock: Clock,
+    /// How long a device code (RFC 8628) may wait for approval.
+    pub device_code_ttl: Duration,
+    /// The smallest polling interval a device-flow client is told (`interval`, whole seconds).
+    pub device_poll_interval: Duration,
+    /// Lifetime of the token a device login issues.
+    pub login_token_ttl: Duration,
+    /// The URL users reach the API at (for `verification_uri`); default: `http://` + the
+    /// request's `Host`.
+    pub public_url: Option<String>,
 }
 
 impl Default for ControlConfig {
@@ -52,6 +69,11 @@ impl Default for ControlConfig {
             reconcile_tick: Duration::from_millis(500),
             ipv4_pool: None,
             host_down_after: Duration::from_secs(20),
+            clock: Clock::default(),
+            device_code_ttl: Duration::from_secs(600),
+            device_poll_interval: Duration::from_secs(5),
+            login_token_ttl: Duration::from_secs(7 * 24 * 3600),
+            public_url: None,
         }
     }
 }
@@ -64,6 +86,9 @@ pub struct Control {
     pub(crate) logs: logs::LogStore,
     pub(crate) exec: exec::ExecBroker,
     pub(crate) heartbeats: hosts::Heartbeats,
+    pub(crate) device: device::DeviceFlows,
+    /// When each token last had a `token_used` event appended by this replica.
+    pub(crate) token_touches: std::sync::Mutex<std::collections::HashMap<kiln_types::TokenId, i64>>,
 }
 
 /// What first start created: the one org and its admin token (shown once, stored only as a hash).
@@ -87,6 +112,8 @@ impl Control {
             logs: logs::LogStore::new(),
             exec: exec::ExecBroker::default(),
             heartbeats: hosts::Heartbeats::default(),
+            device: device::DeviceFlows::default(),
+            token_touches: Default::default(),
         }))
     }
 
@@ -163,14 +190,15 @@ impl Control {
         Ok(token)
     }
 
-    /// Whether a token (by its secret) is known to the store.
+    /// Whether a token (by its secret) is known to the store, not revoked and not expired.
     pub async fn token_is_valid(&self, token: &str) -> Result<bool, ControlError> {
+        let now = self.config.clock.now_millis();
         Ok(self
             .store
             .token_by_hash(hash_token(token))
             .await
             .map_err(ControlError::store("look up token"))?
-            .is_some())
+            .is_some_and(|t| t.revoked_at.is_none() && t.expires_at.is_none_or(|e| e > now)))
     }
 
     /// The org of the single-org bootstrap, for `kilnd dev`.

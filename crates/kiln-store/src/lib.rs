@@ -32,11 +32,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use kiln_types::event::{Event, ReleaseState, StreamRef};
-use kiln_types::{AppId, HostId, InstanceId, InstanceState, OrgId, UnixMillis};
+use kiln_types::{AppId, HostId, InstanceId, InstanceState, OrgId, TokenId, UnixMillis, UserId};
 
 pub use checksum::{RebuildReport, ViewChecksum};
 pub use error::{DbError, StoreError};
-pub use views::{Allocation, AllocationRow, AppRow, HostRow, InstanceRow, ReleaseRow, TokenRow};
+pub use views::{
+    Allocation, AllocationRow, AppRow, HostRow, InstanceRow, MembershipRow, OrgRow, ReleaseRow,
+    TokenRow, UserRow,
+};
 
 use sql::Val;
 use views::Query;
@@ -307,6 +310,60 @@ impl Store {
             .await
     }
 
+    pub async fn token_by_id(&self, id: TokenId) -> Result<Option<TokenRow>, StoreError> {
+        self.query_one(
+            views::TOKEN_BY_ID,
+            vec![id.as_str().into()],
+            views::token_row,
+        )
+        .await
+    }
+
+    /// Every token of an org, revoked and expired ones included, oldest first.
+    pub async fn tokens_of_org(&self, org: OrgId) -> Result<Vec<TokenRow>, StoreError> {
+        self.query(
+            views::TOKENS_OF_ORG,
+            vec![org.as_str().into()],
+            views::token_row,
+        )
+        .await
+    }
+
+    /// The user with this email (callers lowercase it first, as it is stored).
+    pub async fn user_by_email(&self, email: String) -> Result<Option<UserRow>, StoreError> {
+        self.query_one(views::USER_BY_EMAIL, vec![email.into()], views::user_row)
+            .await
+    }
+
+    pub async fn user(&self, id: UserId) -> Result<Option<UserRow>, StoreError> {
+        self.query_one(views::USER_BY_ID, vec![id.as_str().into()], views::user_row)
+            .await
+    }
+
+    /// The orgs a user is a member of, by org name.
+    pub async fn memberships_of_user(
+        &self,
+        user: UserId,
+    ) -> Result<Vec<MembershipRow>, StoreError> {
+        self.query(
+            views::MEMBERSHIPS_OF_USER,
+            vec![user.as_str().into()],
+            views::membership_row,
+        )
+        .await
+    }
+
+    /// The oldest org with this name (org names are not unique yet).
+    pub async fn org_by_name(&self, name: String) -> Result<Option<OrgRow>, StoreError> {
+        self.query_one(views::ORG_BY_NAME, vec![name.into()], views::org_row)
+            .await
+    }
+
+    pub async fn org(&self, id: OrgId) -> Result<Option<OrgRow>, StoreError> {
+        self.query_one(views::ORG_BY_ID, vec![id.as_str().into()], views::org_row)
+            .await
+    }
+
     pub async fn orgs_count(&self) -> Result<u64, StoreError> {
         Ok(self
             .query_one(views::ORGS_COUNT, vec![], views::count_row)
@@ -316,6 +373,11 @@ impl Store {
 
     pub async fn app_by_name(&self, name: String) -> Result<Option<AppRow>, StoreError> {
         self.query_one(views::APP_BY_NAME, vec![name.into()], views::app_row)
+            .await
+    }
+
+    pub async fn app(&self, id: AppId) -> Result<Option<AppRow>, StoreError> {
+        self.query_one(views::APP_BY_ID, vec![id.as_str().into()], views::app_row)
             .await
     }
 

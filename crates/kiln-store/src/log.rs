@@ -63,6 +63,7 @@ pub(crate) fn stream_type(s: &str) -> Option<StreamType> {
         "app" => StreamType::App,
         "host" => StreamType::Host,
         "instance" => StreamType::Instance,
+        "user" => StreamType::User,
         _ => return None,
     })
 }

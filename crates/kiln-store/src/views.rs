@@ -7,10 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use kiln_types::event::{Event, ReleaseState};
+use kiln_types::event::{Event, ReleaseState, Role};
 use kiln_types::{
     AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, MiB, MilliCpu, OrgId, ReleaseId,
-    TokenId, UnixMillis, WorkloadSpec,
+    TokenId, UnixMillis, UserId, WorkloadSpec,
 };
 
 use crate::error::DbError;
@@ -78,6 +78,28 @@ CREATE TABLE edge_allocations (
 "#,
         replay: true,
     },
+    // v4: users, their memberships of orgs, and what tokens gained: the user they act for, the
+    // one app they are restricted to, revocation and last use. No event filling the new columns
+    // existed before, so no replay is needed.
+    ViewMigration {
+        sql: r#"
+CREATE TABLE users (
+    id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, password_hash TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE memberships (
+    org_id TEXT NOT NULL, user_id TEXT NOT NULL, role TEXT NOT NULL, created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL, PRIMARY KEY (org_id, user_id)
+);
+CREATE INDEX memberships_user ON memberships (user_id);
+ALTER TABLE tokens ADD COLUMN user_id TEXT;
+ALTER TABLE tokens ADD COLUMN app_id TEXT;
+ALTER TABLE tokens ADD COLUMN revoked_at BIGINT;
+ALTER TABLE tokens ADD COLUMN last_used_at BIGINT;
+CREATE INDEX tokens_org ON tokens (org_id);
+"#,
+        replay: false,
+    },
     // v5: host state (ready, draining, down) and why; every host was ready before the event
     // existed, which the defaults say.
     ViewMigration {
@@ -125,6 +147,10 @@ pub(crate) const VIEW_TABLES: &[ViewTable] = &[
             ("scopes", Text),
             ("expires_at", Int),
             ("created_at", Int),
+            ("user_id", Text),
+            ("app_id", Text),
+            ("revoked_at", Int),
+            ("last_used_at", Int),
         ],
     },
     ViewTable {
@@ -198,6 +224,27 @@ pub(crate) const VIEW_TABLES: &[ViewTable] = &[
             ("allocated_at", Int),
         ],
     },
+    ViewTable {
+        name: "users",
+        key: "id",
+        cols: &[
+            ("id", Text),
+            ("email", Text),
+            ("password_hash", Text),
+            ("created_at", Int),
+        ],
+    },
+    ViewTable {
+        name: "memberships",
+        key: "org_id, user_id",
+        cols: &[
+            ("org_id", Text),
+            ("user_id", Text),
+            ("role", Text),
+            ("created_at", Int),
+            ("updated_at", Int),
+        ],
+    },
 ];
 
 /// `edge_allocations.address` of a port of the shared addresses.
@@ -219,7 +266,15 @@ impl ViewTable {
 pub(crate) type Write = (&'static str, Vec<Val>);
 
 pub(crate) const INSERT_ORG: &str = "INSERT INTO orgs (id, name, created_at) VALUES ($1, $2, $3)";
-pub(crate) const INSERT_TOKEN: &str = "INSERT INTO tokens (id, org_id, name, hash, scopes, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+pub(crate) const INSERT_TOKEN: &str = "INSERT INTO tokens (id, org_id, name, hash, scopes, expires_at, created_at, user_id, app_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+pub(crate) const REVOKE_TOKEN: &str =
+    "UPDATE tokens SET revoked_at = $3 WHERE id = $1 AND org_id = $2 AND revoked_at IS NULL";
+pub(crate) const TOUCH_TOKEN: &str = "UPDATE tokens SET last_used_at = $3 WHERE id = $1 AND org_id = $2 AND (last_used_at IS NULL OR last_used_at < $3)";
+pub(crate) const INSERT_USER: &str =
+    "INSERT INTO users (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)";
+pub(crate) const UPSERT_MEMBERSHIP: &str = "INSERT INTO memberships (org_id, user_id, role, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (org_id, user_id) DO UPDATE SET role = excluded.role, updated_at = excluded.updated_at";
+pub(crate) const DELETE_MEMBERSHIP: &str =
+    "DELETE FROM memberships WHERE org_id = $1 AND user_id = $2";
 pub(crate) const INSERT_APP: &str =
     "INSERT INTO apps (id, org_id, name, created_at) VALUES ($1, $2, $3, $4)";
 pub(crate) const INSERT_RELEASE: &str = "INSERT INTO releases (id, app_id, version, image_input, image, manifest, manifest_source, state, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'deploying', $8, $8)";
@@ -258,6 +313,8 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
             hash,
             scopes,
             expires_at,
+            user_id,
+            app_id,
         } => vec![(
             INSERT_TOKEN,
             vec![
@@ -268,7 +325,57 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
                 json(scopes),
                 Val::OptInt(*expires_at),
                 at,
+                Val::OptText(user_id.as_ref().map(|u| u.to_string())),
+                Val::OptText(app_id.as_ref().map(|a| a.to_string())),
             ],
+        )],
+        Event::TokenRevoked { token_id, org_id } => vec![(
+            REVOKE_TOKEN,
+            vec![token_id.as_str().into(), org_id.as_str().into(), at],
+        )],
+        // The time the token was used, not the time the event was recorded: both are close, and
+        // the event may be recorded a little after the request.
+        Event::TokenUsed {
+            token_id,
+            org_id,
+            at: used,
+        } => vec![(
+            TOUCH_TOKEN,
+            vec![
+                token_id.as_str().into(),
+                org_id.as_str().into(),
+                Val::Int(*used),
+            ],
+        )],
+        Event::UserCreated {
+            user_id,
+            email,
+            password_hash,
+        } => vec![(
+            INSERT_USER,
+            vec![
+                user_id.as_str().into(),
+                email.as_str().into(),
+                password_hash.as_str().into(),
+                at,
+            ],
+        )],
+        Event::MembershipGranted {
+            org_id,
+            user_id,
+            role,
+        } => vec![(
+            UPSERT_MEMBERSHIP,
+            vec![
+                org_id.as_str().into(),
+                user_id.as_str().into(),
+                role.as_str().into(),
+                at,
+            ],
+        )],
+        Event::MembershipRevoked { org_id, user_id } => vec![(
+            DELETE_MEMBERSHIP,
+            vec![org_id.as_str().into(), user_id.as_str().into()],
         )],
         Event::AppCreated {
             app_id,
@@ -433,6 +540,37 @@ pub struct TokenRow {
     pub name: String,
     pub scopes: Vec<String>,
     pub expires_at: Option<UnixMillis>,
+    pub created_at: UnixMillis,
+    pub user_id: Option<UserId>,
+    pub app_id: Option<AppId>,
+    pub revoked_at: Option<UnixMillis>,
+    pub last_used_at: Option<UnixMillis>,
+}
+
+/// A user. `password_hash` is an argon2id PHC string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRow {
+    pub id: UserId,
+    pub email: String,
+    pub password_hash: String,
+    pub created_at: UnixMillis,
+}
+
+/// A user's membership of an org, with the org's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipRow {
+    pub org_id: OrgId,
+    pub org_name: String,
+    pub user_id: UserId,
+    pub role: Role,
+    pub created_at: UnixMillis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrgRow {
+    pub id: OrgId,
+    pub name: String,
+    pub created_at: UnixMillis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -516,9 +654,45 @@ pub(crate) struct Query {
     pub sql: &'static str,
 }
 
+macro_rules! select_tokens {
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, org_id, name, scopes, expires_at, created_at, user_id, app_id, revoked_at, last_used_at FROM tokens ",
+            $tail
+        )
+    };
+}
 pub(crate) const TOKEN_BY_HASH: Query = Query {
     name: "token_by_hash",
-    sql: "SELECT id, org_id, name, scopes, expires_at FROM tokens WHERE hash = $1",
+    sql: select_tokens!("WHERE hash = $1"),
+};
+pub(crate) const TOKEN_BY_ID: Query = Query {
+    name: "token_by_id",
+    sql: select_tokens!("WHERE id = $1"),
+};
+pub(crate) const TOKENS_OF_ORG: Query = Query {
+    name: "tokens_of_org",
+    sql: select_tokens!("WHERE org_id = $1 ORDER BY created_at, id"),
+};
+pub(crate) const USER_BY_EMAIL: Query = Query {
+    name: "user_by_email",
+    sql: "SELECT id, email, password_hash, created_at FROM users WHERE email = $1",
+};
+pub(crate) const USER_BY_ID: Query = Query {
+    name: "user_by_id",
+    sql: "SELECT id, email, password_hash, created_at FROM users WHERE id = $1",
+};
+pub(crate) const MEMBERSHIPS_OF_USER: Query = Query {
+    name: "memberships_of_user",
+    sql: "SELECT m.org_id, o.name, m.user_id, m.role, m.created_at FROM memberships m JOIN orgs o ON o.id = m.org_id WHERE m.user_id = $1 ORDER BY o.name",
+};
+pub(crate) const ORG_BY_NAME: Query = Query {
+    name: "org_by_name",
+    sql: "SELECT id, name, created_at FROM orgs WHERE name = $1 ORDER BY created_at, id",
+};
+pub(crate) const ORG_BY_ID: Query = Query {
+    name: "org_by_id",
+    sql: "SELECT id, name, created_at FROM orgs WHERE id = $1",
 };
 pub(crate) const ORGS_COUNT: Query = Query {
     name: "orgs_count",
@@ -527,6 +701,10 @@ pub(crate) const ORGS_COUNT: Query = Query {
 pub(crate) const APP_BY_NAME: Query = Query {
     name: "app_by_name",
     sql: "SELECT id, org_id, name, created_at, release_count FROM apps WHERE name = $1",
+};
+pub(crate) const APP_BY_ID: Query = Query {
+    name: "app_by_id",
+    sql: "SELECT id, org_id, name, created_at, release_count FROM apps WHERE id = $1",
 };
 pub(crate) const APPS_ALL: Query = Query {
     name: "apps",
@@ -583,12 +761,50 @@ fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
 }
 
 pub(crate) fn token_row(r: &dyn Cols) -> Result<TokenRow, DbError> {
+    let opt = |i: usize| -> Result<Option<String>, DbError> { r.opt_text(i) };
+    let bad = |column: usize, value: String| DbError::Column { column, value };
     Ok(TokenRow {
         id: parsed(r, 0, parse)?,
         org_id: parsed(r, 1, parse)?,
         name: r.text(2)?,
         scopes: parsed(r, 3, from_json)?,
         expires_at: r.opt_int(4)?,
+        created_at: r.int(5)?,
+        user_id: opt(6)?
+            .map(|s| s.parse().map_err(|_| bad(6, s)))
+            .transpose()?,
+        app_id: opt(7)?
+            .map(|s| s.parse().map_err(|_| bad(7, s)))
+            .transpose()?,
+        revoked_at: r.opt_int(8)?,
+        last_used_at: r.opt_int(9)?,
+    })
+}
+
+pub(crate) fn user_row(r: &dyn Cols) -> Result<UserRow, DbError> {
+    Ok(UserRow {
+        id: parsed(r, 0, parse)?,
+        email: r.text(1)?,
+        password_hash: r.text(2)?,
+        created_at: r.int(3)?,
+    })
+}
+
+pub(crate) fn membership_row(r: &dyn Cols) -> Result<MembershipRow, DbError> {
+    Ok(MembershipRow {
+        org_id: parsed(r, 0, parse)?,
+        org_name: r.text(1)?,
+        user_id: parsed(r, 2, parse)?,
+        role: parsed(r, 3, Role::parse)?,
+        created_at: r.int(4)?,
+    })
+}
+
+pub(crate) fn org_row(r: &dyn Cols) -> Result<OrgRow, DbError> {
+    Ok(OrgRow {
+        id: parsed(r, 0, parse)?,
+        name: r.text(1)?,
+        created_at: r.int(2)?,
     })
 }
 

@@ -12,10 +12,10 @@ use kiln_store::{
     RecordedEvent, Store, StoreError,
 };
 use kiln_testkit::postgres::{PostgresCluster, StopMode};
-use kiln_types::event::{Driver, Event, ReleaseState};
+use kiln_types::event::{Driver, Event, ReleaseState, Role};
 use kiln_types::{
-    AppId, HostId, ImageRef, InstanceId, InstanceState, MiB, MilliCpu, OrgId, ReleaseId,
-    WorkloadSpec,
+    AppId, HostId, ImageRef, InstanceId, InstanceState, MiB, MilliCpu, OrgId, ReleaseId, TokenId,
+    UserId, WorkloadSpec,
 };
 
 /// One backend under test: where its store lives, and a way to run raw SQL on it.
@@ -131,6 +131,7 @@ conformance!(
     view_migration_replays_a_populated_store_and_upcasts_old_events,
     unknown_and_malformed_events_are_typed_errors,
     backup_restores_a_store_that_serves_the_same_views,
+    identity_views_follow_users_memberships_and_token_lifecycle,
 );
 
 fn meta(actor: &str) -> Metadata {
@@ -222,6 +223,44 @@ async fn populate(s: &Store) -> (OrgId, AppId) {
             hash: "ab".repeat(32),
             scopes: vec!["admin".into()],
             expires_at: None,
+            user_id: None,
+            app_id: None,
+        }),
+    ]))
+    .await
+    .unwrap();
+    // A user, member of the org, with a login token that was used and then revoked.
+    let user: UserId = "usr_aaaaaaaaaaaaaaaaaaaa".parse().unwrap();
+    let login: TokenId = "tok_cccccccccccccccccccc".parse().unwrap();
+    s.append(append(vec![
+        NewEvent::any(Event::UserCreated {
+            user_id: user.clone(),
+            email: "ada@example.com".into(),
+            password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA".into(),
+        }),
+        NewEvent::any(Event::MembershipGranted {
+            org_id: org.clone(),
+            user_id: user.clone(),
+            role: Role::Member,
+        }),
+        NewEvent::any(Event::TokenCreated {
+            token_id: login.clone(),
+            org_id: org.clone(),
+            name: "login".into(),
+            hash: "ef".repeat(32),
+            scopes: vec!["read".into(), "deploy".into()],
+            expires_at: Some(4_000_000_000_000),
+            user_id: Some(user.clone()),
+            app_id: None,
+        }),
+        NewEvent::any(Event::TokenUsed {
+            token_id: login.clone(),
+            org_id: org.clone(),
+            at: 1_000,
+        }),
+        NewEvent::any(Event::TokenRevoked {
+            token_id: login.clone(),
+            org_id: org.clone(),
         }),
     ]))
     .await
@@ -308,6 +347,85 @@ fn assert_contiguous(events: &[RecordedEvent]) {
     }
 }
 
+/// Users, memberships and the token lifecycle (created, used, revoked) as the auth code reads them.
+async fn identity_views_follow_users_memberships_and_token_lifecycle(env: Env) {
+    let s = env.open().await;
+    let (org, _) = populate(&s).await;
+    let user = s
+        .user_by_email("ada@example.com".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(user.password_hash.starts_with("$argon2id$"));
+    assert_eq!(s.user(user.id.clone()).await.unwrap(), Some(user.clone()));
+    assert!(s
+        .user_by_email("bob@example.com".into())
+        .await
+        .unwrap()
+        .is_none());
+    let m = s.memberships_of_user(user.id.clone()).await.unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!((m[0].org_name.as_str(), m[0].role), ("acme", Role::Member));
+    // A second grant changes the role in place.
+    s.append(append(vec![NewEvent::any(Event::MembershipGranted {
+        org_id: org.clone(),
+        user_id: user.id.clone(),
+        role: Role::Viewer,
+    })]))
+    .await
+    .unwrap();
+    let m = s.memberships_of_user(user.id.clone()).await.unwrap();
+    assert_eq!((m.len(), m[0].role), (1, Role::Viewer));
+    // Emails are unique: the view refuses a second user with the same one.
+    assert!(s
+        .append(append(vec![NewEvent::any(Event::UserCreated {
+            user_id: UserId::generate(),
+            email: "ada@example.com".into(),
+            password_hash: "x".into(),
+        })]))
+        .await
+        .is_err());
+
+    let tokens = s.tokens_of_org(org.clone()).await.unwrap();
+    assert_eq!(tokens.len(), 2);
+    let login = tokens.iter().find(|t| t.name == "login").unwrap();
+    assert_eq!(login.user_id.as_ref(), Some(&user.id));
+    assert_eq!(login.last_used_at, Some(1_000));
+    assert!(login.revoked_at.is_some());
+    let by_hash = s.token_by_hash("ef".repeat(32)).await.unwrap().unwrap();
+    assert_eq!(&by_hash, login);
+    assert_eq!(
+        s.token_by_id(login.id.clone()).await.unwrap().as_ref(),
+        Some(login)
+    );
+    // Last use only moves forward (an old `token_used` recorded late changes nothing).
+    s.append(append(vec![NewEvent::any(Event::TokenUsed {
+        token_id: login.id.clone(),
+        org_id: org.clone(),
+        at: 500,
+    })]))
+    .await
+    .unwrap();
+    let again = s.token_by_id(login.id.clone()).await.unwrap().unwrap();
+    assert_eq!(again.last_used_at, Some(1_000));
+    // A token id of another org changes nothing there.
+    s.append(append(vec![NewEvent::any(Event::TokenRevoked {
+        token_id: "tok_aaaaaaaaaaaaaaaaaaaa".parse().unwrap(),
+        org_id: OrgId::generate(),
+    })]))
+    .await
+    .unwrap();
+    let admin = s
+        .token_by_id("tok_aaaaaaaaaaaaaaaaaaaa".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(admin.revoked_at, None);
+    assert_eq!(s.org_by_name("acme".into()).await.unwrap().unwrap().id, org);
+    assert_eq!(s.org(org.clone()).await.unwrap().unwrap().name, "acme");
+    assert!(s.rebuild_views(false).await.unwrap().is_equal());
+}
+
 async fn append_updates_views_and_head(env: Env) {
     let s = env.open().await;
     let org = OrgId::generate();
@@ -331,6 +449,7 @@ async fn append_updates_views_and_head(env: Env) {
     // Read-your-writes: the view has the app as soon as the append returned.
     let app = s.app_by_name("demo".into()).await.unwrap().unwrap();
     assert_eq!(app.id, app_id);
+    assert_eq!(s.app(app_id.clone()).await.unwrap(), Some(app.clone()));
     assert_eq!(s.apps(Some(org)).await.unwrap().len(), 1);
     assert_eq!(s.apps(Some(OrgId::generate())).await.unwrap().len(), 0);
     // The envelope round-trips: stream, version, type, schema version, metadata, time.
@@ -451,6 +570,8 @@ async fn idempotency_key_replays_same_request_and_rejects_different_one(env: Env
         hash: "cd".repeat(32),
         scopes: vec![],
         expires_at: None,
+        user_id: None,
+        app_id: None,
     };
     let err = s
         .append(keyed(
@@ -731,7 +852,7 @@ async fn rebuild_matches_live_views_and_replace_repairs_them(env: Env) {
     let report = s.rebuild_views(false).await.unwrap();
     assert!(report.is_equal(), "{report:?}");
     assert_eq!(report.events, s.head());
-    assert_eq!(report.live.len(), 7);
+    assert_eq!(report.live.len(), 9);
     assert!(report.live.iter().all(|c| c.rows > 0), "{report:?}");
     // Damage a live view behind the store's back: the rebuild sees it, and replace repairs it.
     env.exec("UPDATE apps SET release_count = 42");

@@ -73,6 +73,24 @@ pub fn build_binaries() -> Result<Binaries> {
     Ok(b)
 }
 
+/// Builds (when out of date) only the `kiln` CLI and returns its path, for tests that run the
+/// control plane in-process.
+pub fn build_cli() -> Result<PathBuf> {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["build", "-q", "-p", "kiln-cli"])
+        .current_dir(workspace_root());
+    crate::example::clear_test_env(&mut cmd);
+    let status = cmd.status().context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build -p kiln-cli failed");
+    }
+    let kiln = target_dir().join("debug/kiln");
+    if !kiln.is_file() {
+        bail!("{} was not built", kiln.display());
+    }
+    Ok(kiln)
+}
+
 /// A `kilnd dev` child process. Dropping it stops the process (not the instances it started:
 /// call [`cleanup_instances`] for those).
 pub struct DevProcess {

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId,
+    AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId, UserId,
 };
 use crate::{MiB, MilliCpu, UnixMillis, WorkloadSpec};
 
@@ -19,6 +19,7 @@ pub enum StreamType {
     App,
     Host,
     Instance,
+    User,
 }
 
 impl StreamType {
@@ -28,6 +29,7 @@ impl StreamType {
             Self::App => "app",
             Self::Host => "host",
             Self::Instance => "instance",
+            Self::User => "user",
         }
     }
 }
@@ -144,6 +146,13 @@ pub enum Event {
         scopes: Vec<String>,
         #[serde(default)]
         expires_at: Option<UnixMillis>,
+        /// The user the token acts for (login and user-created tokens); `None` for tokens of
+        /// machines (bootstrap admin, hosts, edges, CI tokens made by them).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_id: Option<UserId>,
+        /// Restricts the token to one app (CI deploy tokens): every other app answers 404.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        app_id: Option<AppId>,
     },
     AppCreated {
         app_id: AppId,
@@ -226,6 +235,62 @@ pub enum Event {
         #[serde(default)]
         reason: Option<String>,
     },
+    /// A token stops working: every request with it is refused from this event on.
+    TokenRevoked {
+        token_id: TokenId,
+        org_id: OrgId,
+    },
+    /// A token was used (recorded at most about once a minute per token, not per request).
+    TokenUsed {
+        token_id: TokenId,
+        org_id: OrgId,
+        at: UnixMillis,
+    },
+    /// A person who can sign in. Emails are unique across the platform (lowercased).
+    UserCreated {
+        user_id: UserId,
+        email: String,
+        /// The argon2id hash in PHC string form; the password itself is never stored.
+        password_hash: String,
+    },
+    /// A user becomes a member of an org with a role (or changes role).
+    MembershipGranted {
+        org_id: OrgId,
+        user_id: UserId,
+        role: Role,
+    },
+    MembershipRevoked {
+        org_id: OrgId,
+        user_id: UserId,
+    },
+}
+
+/// What a member may do in an org; each role maps to a fixed set of token scopes
+/// (docs/security/02-authz-and-scopes.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Owner,
+    Admin,
+    Member,
+    Viewer,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Owner, Role::Admin, Role::Member, Role::Viewer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::Admin => "admin",
+            Self::Member => "member",
+            Self::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
 }
 
 impl Event {
@@ -245,6 +310,11 @@ impl Event {
         "ipv4_allocated",
         "ipv4_released",
         "host_state_changed",
+        "token_revoked",
+        "token_used",
+        "user_created",
+        "membership_granted",
+        "membership_revoked",
     ];
 
     /// The payload schema version this build writes for an event type (`None` for a type it does
@@ -326,15 +396,24 @@ impl Event {
             Self::Ipv4Allocated { .. } => "ipv4_allocated",
             Self::Ipv4Released { .. } => "ipv4_released",
             Self::HostStateChanged { .. } => "host_state_changed",
+            Self::TokenRevoked { .. } => "token_revoked",
+            Self::TokenUsed { .. } => "token_used",
+            Self::UserCreated { .. } => "user_created",
+            Self::MembershipGranted { .. } => "membership_granted",
+            Self::MembershipRevoked { .. } => "membership_revoked",
         }
     }
 
     /// The stream the event belongs to.
     pub fn stream(&self) -> StreamRef {
         let (kind, id) = match self {
-            Self::OrgCreated { org_id, .. } | Self::TokenCreated { org_id, .. } => {
-                (StreamType::Org, org_id.to_string())
-            }
+            Self::OrgCreated { org_id, .. }
+            | Self::TokenCreated { org_id, .. }
+            | Self::TokenRevoked { org_id, .. }
+            | Self::TokenUsed { org_id, .. }
+            | Self::MembershipGranted { org_id, .. }
+            | Self::MembershipRevoked { org_id, .. } => (StreamType::Org, org_id.to_string()),
+            Self::UserCreated { user_id, .. } => (StreamType::User, user_id.to_string()),
             Self::AppCreated { app_id, .. }
             | Self::ReleaseCreated { app_id, .. }
             | Self::ReleaseStateChanged { app_id, .. }
@@ -453,6 +532,77 @@ mod tests {
         assert_eq!(Event::from_parts(t, data).unwrap(), ev);
         assert!(Event::from_parts("no_such_event", serde_json::json!({})).is_err());
         assert!(Event::from_parts("app_created", serde_json::json!({"app_id": 3})).is_err());
+    }
+
+    #[test]
+    fn identity_events_round_trip_and_old_token_payloads_still_decode() {
+        let org_id = OrgId::generate();
+        let user_id = UserId::generate();
+        let token_id = TokenId::generate();
+        let events = [
+            Event::TokenCreated {
+                token_id: token_id.clone(),
+                org_id: org_id.clone(),
+                name: "ci".into(),
+                hash: "ab".repeat(32),
+                scopes: vec!["deploy".into()],
+                expires_at: Some(1),
+                user_id: Some(user_id.clone()),
+                app_id: Some(AppId::generate()),
+            },
+            Event::TokenRevoked {
+                token_id: token_id.clone(),
+                org_id: org_id.clone(),
+            },
+            Event::TokenUsed {
+                token_id: token_id.clone(),
+                org_id: org_id.clone(),
+                at: 5,
+            },
+            Event::UserCreated {
+                user_id: user_id.clone(),
+                email: "ada@example.com".into(),
+                password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+            },
+            Event::MembershipGranted {
+                org_id: org_id.clone(),
+                user_id: user_id.clone(),
+                role: Role::Viewer,
+            },
+            Event::MembershipRevoked {
+                org_id: org_id.clone(),
+                user_id: user_id.clone(),
+            },
+        ];
+        for ev in events {
+            let (t, data) = ev.to_parts();
+            assert!(Event::CATALOG.contains(&t));
+            assert_eq!(Event::decode(t, 1, data).unwrap(), ev);
+        }
+        assert_eq!(
+            Event::UserCreated {
+                user_id: user_id.clone(),
+                email: String::new(),
+                password_hash: String::new()
+            }
+            .stream()
+            .kind,
+            StreamType::User
+        );
+        // A token_created written before tokens had users and apps.
+        let old = serde_json::json!({
+            "token_id": token_id, "org_id": org_id, "name": "admin", "hash": "cd",
+            "scopes": ["admin"], "expires_at": null,
+        });
+        let Event::TokenCreated {
+            user_id, app_id, ..
+        } = Event::decode("token_created", 1, old).unwrap()
+        else {
+            panic!("not a token_created")
+        };
+        assert_eq!((user_id, app_id), (None, None));
+        assert_eq!(Role::parse("owner"), Some(Role::Owner));
+        assert_eq!(Role::parse("root"), None);
     }
 
     #[test]

@@ -110,6 +110,8 @@ typed_id!(/// A host running the agent.
     HostId, "host", "host");
 typed_id!(/// An API token (the id, never the secret).
     TokenId, "tok", "token");
+typed_id!(/// A person who signs in (email and password) and is a member of orgs.
+    UserId, "usr", "user");
 
 #[cfg(test)]
 mod tests {

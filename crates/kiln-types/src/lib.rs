@@ -17,7 +17,7 @@ pub mod net;
 pub mod units;
 pub mod workload;
 
-pub use id::{AppId, HostId, InstanceId, OrgId, ReleaseId, TokenId};
+pub use id::{AppId, HostId, InstanceId, OrgId, ReleaseId, TokenId, UserId};
 pub use name::{AppName, NameError};
 pub use units::{MiB, MilliCpu};
 pub use workload::{

@@ -332,6 +332,12 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
             "  kiln context add dev --api {api_url} --token {}",
             b.admin_token
         );
+        println!("Or create a user (password on stdin) and sign in as them:");
+        println!(
+            "  kilnd control users create you@example.com --org dev --role admin --data-dir {}",
+            data_dir.display()
+        );
+        println!("  kiln login --url {api_url}");
     }
     println!("kilnd dev: ready (state in {})", data_dir.display());
     Ok(Dev {
@@ -498,6 +504,44 @@ pub async fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `kilnd control users create`: the password comes from stdin so it never appears in a process
+/// list or a shell history.
+async fn create_user(args: CreateUserArgs) -> anyhow::Result<()> {
+    let role = kiln_types::event::Role::parse(&args.role).with_context(|| {
+        format!(
+            "unknown role {:?}; roles are owner, admin, member, viewer",
+            args.role
+        )
+    })?;
+    let mut password = String::new();
+    std::io::stdin()
+        .read_line(&mut password)
+        .context("cannot read the password from standard input")?;
+    let password = password.trim_end_matches(['\n', '\r']).to_owned();
+    let location = args.store.location();
+    if let kiln_store::Location::Sqlite(path) = &location {
+        anyhow::ensure!(path.is_file(), "there is no store at {}", path.display());
+    }
+    let store = kiln_store::Store::open(&location, kiln_store::Options::default())
+        .await
+        .with_context(|| format!("cannot open the store at {location}"))?;
+    let control = Control::new(store, ControlConfig::default())?;
+    let (user_id, org_id) = control
+        .create_user(kiln_control::NewUser {
+            email: args.email.clone(),
+            password,
+            org: args.org.clone(),
+            role,
+        })
+        .await?;
+    println!(
+        "user={user_id} email={} org={org_id} role={} (sign in with `kiln login`)",
+        args.email.trim().to_ascii_lowercase(),
+        role.as_str()
+    );
+    Ok(())
+}
+
 // ---- `kilnd control`: the control plane without agent or edge, and store operations. ----
 
 #[derive(Debug, clap::Args)]
@@ -518,6 +562,32 @@ pub enum ControlCommand {
     },
     /// Write an online backup of a SQLite store (a Postgres store is backed up with pg_dump).
     Backup(BackupArgs),
+    /// Manage users (people who sign in with `kiln login`).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create a user with a password read from standard input (first line), and make them a
+    /// member of an org; for an existing email, only grant (or change) the role.
+    Create(CreateUserArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CreateUserArgs {
+    /// The user's email (their sign-in name).
+    pub email: String,
+    /// The org (by name) to make them a member of.
+    #[arg(long)]
+    pub org: String,
+    /// owner, admin, member or viewer (see docs/security/02-authz-and-scopes.md).
+    #[arg(long, default_value = "member")]
+    pub role: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -569,6 +639,10 @@ pub struct ServeArgs {
     /// block like 203.0.113.0/28; without it the IPv4 add-on is off.
     #[arg(long, value_parser = parse_ipv4_pool)]
     pub ipv4_pool: Option<kiln_types::net::Ipv4Pool>,
+    /// The URL users reach the API at, for the device login's verification link (default:
+    /// `http://` + the request's Host header).
+    #[arg(long)]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -603,6 +677,7 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
                     app_domain: args.domain.clone(),
                     plain_http_registries: args.plain_http_registries.clone(),
                     ipv4_pool: args.ipv4_pool,
+                    public_url: args.public_url.clone(),
                     ..Default::default()
                 },
             )?;
@@ -670,6 +745,9 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        ControlCommand::Users {
+            command: UsersCommand::Create(args),
+        } => create_user(args).await,
         ControlCommand::Backup(args) => {
             let path = args.data_dir.join("kiln.db");
             anyhow::ensure!(path.is_file(), "there is no store at {}", path.display());
