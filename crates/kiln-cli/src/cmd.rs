@@ -34,6 +34,9 @@ pub enum Command {
     Logs(LogsArgs),
     /// Run a command in a running instance; exits with the command's exit code.
     Exec(ExecArgs),
+    /// Manage an app's secrets (delivered as /.kiln/secrets.json).
+    #[command(subcommand)]
+    Secrets(crate::secrets_cmd::SecretsCmd),
     /// Write a commented kiln.toml for an image.
     Init(crate::config_cmd::InitArgs),
     /// Work with kiln.toml: validate, show (with defaults), JSON Schema.
@@ -208,12 +211,12 @@ impl From<ApiError> for CliError {
 
 use kiln_types::error_chain;
 
-fn client(ctx: &Context) -> Result<Client, CliError> {
+pub(crate) fn client(ctx: &Context) -> Result<Client, CliError> {
     Client::new(&ctx.api, &ctx.token).map_err(CliError::from)
 }
 
 /// The app to act on: `--app`, else `app` of ./kiln.toml.
-fn resolve_app(arg: &AppArg, manifest_path: &Path) -> Result<String, CliError> {
+pub(crate) fn resolve_app(arg: &AppArg, manifest_path: &Path) -> Result<String, CliError> {
     if let Some(a) = &arg.app {
         return Ok(a.clone());
     }
@@ -291,6 +294,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Context(cmd) => context_cmd(cmd).await,
+        Command::Secrets(cmd) => crate::secrets_cmd::run(cmd).await,
         Command::Whoami => {
             let ctx = context::current()?;
             let me = client(&ctx)?.whoami().await?;

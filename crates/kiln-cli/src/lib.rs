@@ -9,6 +9,7 @@ mod cmd;
 mod config_cmd;
 mod context;
 pub mod exit;
+mod secrets_cmd;
 mod term;
 
 use clap::Parser;

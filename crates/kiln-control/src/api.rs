@@ -58,6 +58,7 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
         .route("/v1/hosts/{host}/exec-requests", get(exec_requests))
         .route("/v1/hosts/{host}/exec/{session}", get(host_exec))
         .route("/v1/routes", get(routes))
+        .merge(crate::secrets_api::routes())
         .layer(middleware::from_fn(request_id))
         .with_state(control)
 }
@@ -123,6 +124,7 @@ fn release_view(r: ReleaseRow) -> Release {
         reason: r.reason,
         created_at: r.created_at,
         updated_at: r.updated_at,
+        secrets_version: r.secrets_version,
     }
 }
 
@@ -347,6 +349,13 @@ async fn create_release(
     // Optimistic concurrency on the app stream makes release versions gap-free and unique.
     for _ in 0..5 {
         let current = c.store.stream_version(stream.clone()).await?;
+        // The release pins the secrets version current now (the expectation on the app stream,
+        // which secrets changes also append to, keeps the two consistent).
+        let secrets_version = c
+            .store
+            .secret_env(row.id.clone(), kiln_types::secrets::DEFAULT_ENV.to_owned())
+            .await?
+            .map_or(0, |s| s.version);
         let app_now = owned_app(&c, &p, &app).await?;
         let release_id = ReleaseId::generate();
         let event = Event::ReleaseCreated {
@@ -357,6 +366,7 @@ async fn create_release(
             image: image.clone(),
             manifest: manifest_json.clone(),
             manifest_source: body.manifest.clone(),
+            secrets_version,
         };
         // Port allocations go in the same append: a release never runs with ports it does not
         // own, and the allocations view rejects the append if another app took a port meanwhile.
@@ -458,10 +468,18 @@ async fn assignments(
         .map_err(|_| ApiFailure::not_found("host", &host))?;
     let seq = wait_past(&c, &q).await;
     let rows = c.store.instances_on_host(host).await?;
-    let assignments = rows
+    let rows: Vec<InstanceRow> = rows
         .into_iter()
         .filter(|i| !i.state.is_terminal() || i.desired_running)
+        .collect();
+    let secrets_versions = crate::secrets::assigned_versions(&c, &rows).await?;
+    let assignments = rows
+        .into_iter()
         .map(|i| Assignment {
+            secrets_version: secrets_versions
+                .get(&i.id)
+                .copied()
+                .unwrap_or(i.spec.secrets.version),
             desired_running: i.desired_running,
             state: i.state,
             spec: i.spec,

@@ -30,6 +30,10 @@ pub enum Scope {
     Host,
     /// An edge: watch routes.
     Edge,
+    /// Set and unset secrets (`kiln secrets set`/`unset`); listing names needs only `read`.
+    SecretsWrite,
+    /// See secret values (`kiln secrets render --reveal`).
+    SecretsRead,
 }
 
 impl Scope {
@@ -41,6 +45,8 @@ impl Scope {
             Scope::Exec => "exec",
             Scope::Host => "host",
             Scope::Edge => "edge",
+            Scope::SecretsWrite => "secrets:write",
+            Scope::SecretsRead => "secrets:read",
         }
     }
 }
@@ -109,7 +115,7 @@ impl Principal {
             Err(ApiFailure::new(
                 StatusCode::FORBIDDEN,
                 "insufficient_scope",
-                format!("this token lacks the {scope:?} scope"),
+                format!("this token lacks the {scope} scope"),
             ))
         }
     }

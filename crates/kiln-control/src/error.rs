@@ -14,6 +14,11 @@ pub enum ControlError {
         #[source]
         source: kiln_store::StoreError,
     },
+    #[error("cannot load the master key for secrets")]
+    MasterKey {
+        #[source]
+        source: crate::secrets::KeyringError,
+    },
     #[error("cannot build the registry client")]
     RegistryClient {
         #[source]

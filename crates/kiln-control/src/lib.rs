@@ -13,6 +13,8 @@ mod error;
 mod exec;
 mod logs;
 mod reconciler;
+pub mod secrets;
+mod secrets_api;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +37,9 @@ pub struct ControlConfig {
     pub max_watch: Duration,
     /// How often the reconciler re-checks deadlines when nothing happens.
     pub reconcile_tick: Duration,
+    /// Where the master keys of secrets encryption come from; without one, the secrets routes
+    /// answer `secrets_unavailable`.
+    pub master_key: Option<secrets::MasterKeySource>,
 }
 
 impl Default for ControlConfig {
@@ -44,6 +49,7 @@ impl Default for ControlConfig {
             plain_http_registries: Vec::new(),
             max_watch: Duration::from_secs(60),
             reconcile_tick: Duration::from_millis(500),
+            master_key: None,
         }
     }
 }
@@ -55,6 +61,7 @@ pub struct Control {
     pub(crate) registry: kiln_oci::RegistryClient,
     pub(crate) logs: logs::LogStore,
     pub(crate) exec: exec::ExecBroker,
+    pub(crate) keyring: Option<Arc<secrets::Keyring>>,
 }
 
 /// What first start created: the one org and its admin token (shown once, stored only as a hash).
@@ -71,7 +78,15 @@ impl Control {
             ..Default::default()
         })
         .map_err(|source| ControlError::RegistryClient { source })?;
+        let keyring = match &config.master_key {
+            Some(source) => Some(
+                secrets::Keyring::open(source.clone())
+                    .map_err(|source| ControlError::MasterKey { source })?,
+            ),
+            None => None,
+        };
         Ok(Arc::new(Control {
+            keyring,
             store,
             config,
             registry,
@@ -82,6 +97,14 @@ impl Control {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The master key ids the keyring holds (current first); empty without a master key.
+    pub fn master_key_ids(&self) -> Vec<String> {
+        self.keyring
+            .as_ref()
+            .map(|k| k.master_ids())
+            .unwrap_or_default()
     }
 
     /// The axum router serving the API.

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::secrets::{SealedSecret, SecretName};
 use crate::{
     AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId,
 };
@@ -129,6 +130,10 @@ pub enum Event {
         manifest: serde_json::Value,
         /// The manifest file as uploaded, kept for `kiln releases show`.
         manifest_source: String,
+        /// The app's secrets version the release runs with (0: none), so a rollback restores
+        /// the secrets it ran with. Absent before secrets existed.
+        #[serde(default)]
+        secrets_version: u64,
     },
     ReleaseStateChanged {
         app_id: AppId,
@@ -186,6 +191,49 @@ pub enum Event {
         app_id: AppId,
         address: std::net::Ipv4Addr,
     },
+    /// The org's data key for secrets, created on the org's first secret, stored only wrapped
+    /// (encrypted) by the master key `master_key_id`.
+    DataKeyCreated {
+        org_id: OrgId,
+        key_id: String,
+        master_key_id: String,
+        /// Base64 of nonce ‖ wrapped key ‖ tag.
+        wrapped: String,
+    },
+    /// A data key wrapped again by another master key (master key rotation); the data key itself,
+    /// and so every secret's ciphertext, is unchanged.
+    DataKeyRewrapped {
+        org_id: OrgId,
+        key_id: String,
+        master_key_id: String,
+        wrapped: String,
+    },
+    /// Secrets of an app's environment set (added or replaced): a new secrets version. Values
+    /// only as ciphertext. `staged` changes wait for the next deploy.
+    SecretsSet {
+        app_id: AppId,
+        env: String,
+        version: u64,
+        secrets: Vec<SealedSecret>,
+        #[serde(default)]
+        staged: bool,
+    },
+    /// Secrets of an app's environment removed: a new secrets version.
+    SecretsUnset {
+        app_id: AppId,
+        env: String,
+        version: u64,
+        names: Vec<SecretName>,
+        #[serde(default)]
+        staged: bool,
+    },
+    /// An agent fetched an instance's secrets (audit: who received which version; no values).
+    SecretsDelivered {
+        instance_id: InstanceId,
+        app_id: AppId,
+        host_id: HostId,
+        version: u64,
+    },
 }
 
 impl Event {
@@ -204,6 +252,11 @@ impl Event {
         "port_released",
         "ipv4_allocated",
         "ipv4_released",
+        "data_key_created",
+        "data_key_rewrapped",
+        "secrets_set",
+        "secrets_unset",
+        "secrets_delivered",
     ];
 
     /// The payload schema version this build writes for an event type (`None` for a type it does
@@ -284,28 +337,37 @@ impl Event {
             Self::PortReleased { .. } => "port_released",
             Self::Ipv4Allocated { .. } => "ipv4_allocated",
             Self::Ipv4Released { .. } => "ipv4_released",
+            Self::DataKeyCreated { .. } => "data_key_created",
+            Self::DataKeyRewrapped { .. } => "data_key_rewrapped",
+            Self::SecretsSet { .. } => "secrets_set",
+            Self::SecretsUnset { .. } => "secrets_unset",
+            Self::SecretsDelivered { .. } => "secrets_delivered",
         }
     }
 
     /// The stream the event belongs to.
     pub fn stream(&self) -> StreamRef {
         let (kind, id) = match self {
-            Self::OrgCreated { org_id, .. } | Self::TokenCreated { org_id, .. } => {
-                (StreamType::Org, org_id.to_string())
-            }
+            Self::OrgCreated { org_id, .. }
+            | Self::TokenCreated { org_id, .. }
+            | Self::DataKeyCreated { org_id, .. }
+            | Self::DataKeyRewrapped { org_id, .. } => (StreamType::Org, org_id.to_string()),
             Self::AppCreated { app_id, .. }
             | Self::ReleaseCreated { app_id, .. }
             | Self::ReleaseStateChanged { app_id, .. }
             | Self::PortAllocated { app_id, .. }
             | Self::PortReleased { app_id, .. }
             | Self::Ipv4Allocated { app_id, .. }
-            | Self::Ipv4Released { app_id, .. } => (StreamType::App, app_id.to_string()),
+            | Self::Ipv4Released { app_id, .. }
+            | Self::SecretsSet { app_id, .. }
+            | Self::SecretsUnset { app_id, .. } => (StreamType::App, app_id.to_string()),
             Self::HostRegistered { host_id, .. } => (StreamType::Host, host_id.to_string()),
             Self::InstancePlaced { spec, .. } => {
                 (StreamType::Instance, spec.instance_id.to_string())
             }
             Self::InstanceStateChanged { instance_id, .. }
-            | Self::InstanceStopRequested { instance_id, .. } => {
+            | Self::InstanceStopRequested { instance_id, .. }
+            | Self::SecretsDelivered { instance_id, .. } => {
                 (StreamType::Instance, instance_id.to_string())
             }
         };

@@ -62,6 +62,37 @@ pub struct DevArgs {
     /// Size budget of the image cache in MiB; unused images beyond it are evicted.
     #[arg(long, default_value_t = 10_240)]
     pub image_cache_mib: u64,
+    /// File of master keys for secrets encryption (default: `DATA_DIR/master.key`, created on
+    /// first start; `KILN_MASTER_KEY` is used instead when set and this flag is not).
+    #[arg(long)]
+    pub master_key_file: Option<PathBuf>,
+}
+
+/// Where the master key comes from: the file given, else `KILN_MASTER_KEY`, else (for
+/// `kilnd dev` only) a file in the data directory, created on first start.
+fn master_key_source(
+    file: Option<&Path>,
+    dev_data_dir: Option<&Path>,
+) -> anyhow::Result<Option<kiln_control::secrets::MasterKeySource>> {
+    use kiln_control::secrets::{MasterKeySource, MASTER_KEY_ENV};
+    if let Some(f) = file {
+        return Ok(Some(MasterKeySource::File(f.to_owned())));
+    }
+    if let Ok(v) = std::env::var(MASTER_KEY_ENV) {
+        return Ok(Some(MasterKeySource::Env(v)));
+    }
+    let Some(dir) = dev_data_dir else {
+        return Ok(None);
+    };
+    let path = dir.join("master.key");
+    if kiln_control::secrets::ensure_key_file(&path)? {
+        tracing::warn!(path = %path.display(), "created a master key for secrets; back it up apart from the store: without it no secret can be read");
+        println!(
+            "kilnd dev: created the secrets master key {} (back it up apart from kiln.db)",
+            path.display()
+        );
+    }
+    Ok(Some(MasterKeySource::File(path)))
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -205,11 +236,13 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
     let data_dir = args.data_dir.canonicalize()?;
     let init_binary = find_init(args.init_binary.clone())?;
     let store = kiln_store::Store::open_sqlite(&data_dir.join("kiln.db")).await?;
+    let master_key = master_key_source(args.master_key_file.as_deref(), Some(&data_dir))?;
     let control = Control::new(
         store,
         ControlConfig {
             app_domain: args.domain.clone(),
             plain_http_registries: args.plain_http_registries.clone(),
+            master_key,
             ..Default::default()
         },
     )?;
@@ -475,6 +508,30 @@ pub enum ControlCommand {
     },
     /// Write an online backup of a SQLite store (a Postgres store is backed up with pg_dump).
     Backup(BackupArgs),
+    /// Operations on the master keys of secrets encryption.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate a new master key, make it current in the key file, and rewrap every data key
+    /// with it (secrets are not re-encrypted; running control planes pick the new key up).
+    Rotate(RotateArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The master key file to rotate (default: `DATA_DIR/master.key`).
+    #[arg(long)]
+    pub master_key_file: Option<PathBuf>,
+    /// Remove the old keys from the file once no data key uses them.
+    #[arg(long)]
+    pub drop_old: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -522,6 +579,10 @@ pub struct ServeArgs {
     /// Registries reached over plain HTTP besides loopback ones (repeat for several).
     #[arg(long = "plain-http-registry")]
     pub plain_http_registries: Vec<String>,
+    /// File of master keys for secrets encryption (else `KILN_MASTER_KEY`; with neither, the
+    /// secrets routes are unavailable).
+    #[arg(long)]
+    pub master_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -550,11 +611,18 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
             let store = kiln_store::Store::open(&location, kiln_store::Options::default())
                 .await
                 .with_context(|| format!("cannot open the store at {location}"))?;
+            let master_key = master_key_source(args.master_key_file.as_deref(), None)?;
+            if master_key.is_none() {
+                tracing::warn!(
+                    "no master key (--master-key-file or KILN_MASTER_KEY): secrets are unavailable"
+                );
+            }
             let control = Control::new(
                 store,
                 ControlConfig {
                     app_domain: args.domain.clone(),
                     plain_http_registries: args.plain_http_registries.clone(),
+                    master_key,
                     ..Default::default()
                 },
             )?;
@@ -619,6 +687,33 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
             anyhow::ensure!(
                 report.is_equal() || report.replaced,
                 "the live views differ from a replay of the log; rerun with --replace to repair them"
+            );
+            Ok(())
+        }
+        ControlCommand::Keys {
+            command: KeysCommand::Rotate(args),
+        } => {
+            let location = args.store.location();
+            if let kiln_store::Location::Sqlite(path) = &location {
+                anyhow::ensure!(path.is_file(), "there is no store at {}", path.display());
+            }
+            let key_file = match (&args.master_key_file, &args.store.data_dir) {
+                (Some(f), _) => f.clone(),
+                (None, Some(dir)) => dir.join("master.key"),
+                (None, None) => anyhow::bail!("pass --master-key-file"),
+            };
+            let store = kiln_store::Store::open(&location, kiln_store::Options::default())
+                .await
+                .with_context(|| format!("cannot open the store at {location}"))?;
+            let report =
+                kiln_control::secrets::rotate_master_key(&store, &key_file, args.drop_old).await?;
+            println!(
+                "new_key={} previous_keys={} data_keys_rewrapped={} key_file={} keys_in_file={}",
+                report.new_key_id,
+                report.previous_key_ids.join(","),
+                report.rewrapped,
+                key_file.display(),
+                report.file_key_ids.join(",")
             );
             Ok(())
         }
