@@ -21,6 +21,7 @@
 mod channel;
 mod exec;
 mod net;
+mod secrets;
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -32,12 +33,14 @@ use kiln_types::frame::{ExitStatus, Frame, Output};
 use kiln_types::guest::{RunConfig, CHANNEL_SOCKET, RUN_CONFIG_PATH};
 
 const EXIT_PATH: &str = "/.kiln/exit.json";
+/// How long init waits for the agent's secrets frame before giving up on starting the app.
+const SECRETS_WAIT: Duration = Duration::from_secs(60);
 
 pub(crate) fn log(msg: &str) {
     eprintln!("kiln-init: {msg}");
 }
 
-fn signal_number(name: &str) -> libc::c_int {
+pub(crate) fn signal_number(name: &str) -> libc::c_int {
     match name {
         "SIGINT" => libc::SIGINT,
         "SIGQUIT" => libc::SIGQUIT,
@@ -155,6 +158,41 @@ fn run(config: RunConfig) -> i32 {
         ));
     }
 
+    // The secrets file comes before the app: an instance never starts without the version its
+    // release names.
+    let mut secret_env = std::collections::BTreeMap::new();
+    let mut installed = 0;
+    if let Some(s) = &config.secrets {
+        let Some((version, bytes)) = shared.wait_for_secrets(SECRETS_WAIT) else {
+            log(&format!(
+                "the agent did not deliver secrets version {} within {}s",
+                s.version,
+                SECRETS_WAIT.as_secs()
+            ));
+            write_exit(ExitStatus {
+                code: Some(126),
+                signal: None,
+            });
+            return 126;
+        };
+        match secrets::install(&bytes, config.uid, config.gid) {
+            Ok(file) => {
+                installed = version;
+                if s.export_env {
+                    secret_env = file.secrets;
+                }
+            }
+            Err(e) => {
+                log(&format!("cannot install secrets version {version}: {e}"));
+                write_exit(ExitStatus {
+                    code: Some(126),
+                    signal: None,
+                });
+                return 126;
+            }
+        }
+    }
+
     let Some((program, args)) = config.argv.split_first() else {
         log("run configuration has an empty argv");
         write_exit(ExitStatus {
@@ -167,6 +205,7 @@ fn run(config: RunConfig) -> i32 {
     cmd.args(args)
         .env_clear()
         .envs(&config.env)
+        .envs(&secret_env)
         .current_dir(&config.workdir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -188,6 +227,8 @@ fn run(config: RunConfig) -> i32 {
         }
     };
     let pid = child.id() as libc::pid_t;
+    drop(secret_env);
+    shared.app_started(pid, installed);
     let mut pumps = Vec::new();
     if let Some(out) = child.stdout.take() {
         let s = shared.clone();
