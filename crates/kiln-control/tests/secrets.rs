@@ -770,3 +770,72 @@ async fn postgres_tables_hold_no_plaintext() {
         .unwrap();
     assert_eq!(entries.lines().count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_reload_updates_running_instances_without_a_release() {
+    let h = Harness::sqlite().await;
+    let app = h.create_app("demo").await;
+    let host_token = h.token(&h.org, &[Scope::Host]).await;
+    h.set("demo", &[("API_KEY", VALUE_A)], true).await;
+    let host = HostId::generate();
+    let manifest = format!("{MANIFEST}reload = \"signal\"\n");
+    h.append(vec![
+        Event::HostRegistered {
+            host_id: host.clone(),
+            name: "h1".into(),
+            index: 1,
+            driver: Driver::Runc,
+            cpu: MilliCpu(8000),
+            memory: MiB(16 * 1024),
+        },
+        release_event(&app, 1, &manifest, 1),
+    ])
+    .await;
+    Reconciler::new(h.control.clone()).pass().await.unwrap();
+    let inst = h.store.instances_on_host(host.clone()).await.unwrap()[0].clone();
+    assert_eq!(inst.spec.secrets.version, 1);
+
+    // A change: no release, the running instance is told to hold the new version.
+    let out = h.set("demo", &[("API_KEY", VALUE_A2)], false).await;
+    assert_eq!(out["rollout"], "signal");
+    assert!(out.get("release_version").is_none());
+    assert_eq!(h.store.releases(app.clone()).await.unwrap().len(), 1);
+    let get = reqwest::Method::GET;
+    let (_, text) = h
+        .call(
+            get.clone(),
+            &format!("/v1/hosts/{host}/assignments"),
+            &host_token,
+            None,
+        )
+        .await;
+    let assignments: kiln_api::Assignments = serde_json::from_str(&text).unwrap();
+    assert_eq!(assignments.assignments[0].secrets_version, 2);
+    assert_eq!(assignments.assignments[0].spec.secrets.version, 1);
+    let (_, text) = h
+        .call(
+            get.clone(),
+            &format!("/v1/hosts/{host}/instances/{}/secrets", inst.id),
+            &host_token,
+            None,
+        )
+        .await;
+    let file: kiln_types::secrets::SecretsFile = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (file.version, file.secrets["API_KEY"].as_str()),
+        (2, VALUE_A2)
+    );
+    // A staged change does not reach running instances.
+    h.set("demo", &[("API_KEY", VALUE_A)], true).await;
+    let (_, text) = h
+        .call(
+            get,
+            &format!("/v1/hosts/{host}/assignments"),
+            &host_token,
+            None,
+        )
+        .await;
+    let assignments: kiln_api::Assignments = serde_json::from_str(&text).unwrap();
+    assert_eq!(assignments.assignments[0].secrets_version, 2);
+    assert_no_canary("assignments", &text);
+}
