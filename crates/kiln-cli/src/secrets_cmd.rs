@@ -195,6 +195,25 @@ fn report(app: &str, verb: &str, names: &[String], out: &SecretsChanged) {
     }
 }
 
+/// Hints for the secrets routes' own problem codes.
+fn hinted(e: kiln_api::ApiError) -> CliError {
+    let mut err = CliError::from(e);
+    if err.message.ends_with("[secret_not_found]") {
+        err = err.hint("see the names with `kiln secrets list`");
+    } else if err.message.ends_with("[secrets_unavailable]")
+        || err.message.ends_with("[master_key_error]")
+    {
+        err = err.hint(
+            "the control plane's operator must configure its master key (see `kilnd control keys`)",
+        );
+    } else if err.code == exit::AUTH && err.message.contains("secrets:") {
+        err = err.hint(
+            "use a token with the secrets:write (set, unset) or secrets:read (--reveal) scope",
+        );
+    }
+    err
+}
+
 pub async fn run(cmd: SecretsCmd) -> Result<(), CliError> {
     let manifest = Path::new("kiln.toml");
     match cmd {
@@ -211,7 +230,8 @@ pub async fn run(cmd: SecretsCmd) -> Result<(), CliError> {
                         stage: args.stage,
                     },
                 )
-                .await?;
+                .await
+                .map_err(hinted)?;
             report(&app, "Set", &names, &out);
             Ok(())
         }
@@ -229,7 +249,8 @@ pub async fn run(cmd: SecretsCmd) -> Result<(), CliError> {
                         stage: args.stage,
                     },
                 )
-                .await?;
+                .await
+                .map_err(hinted)?;
             report(&app, "Unset", &args.names, &out);
             Ok(())
         }
@@ -237,7 +258,8 @@ pub async fn run(cmd: SecretsCmd) -> Result<(), CliError> {
             let app = resolve_app(&args.app, manifest)?;
             let list = client(&context::current()?)?
                 .list_secrets(&app, Some(&args.env.env))
-                .await?;
+                .await
+                .map_err(hinted)?;
             if args.json {
                 println!(
                     "{}",
@@ -264,7 +286,8 @@ pub async fn run(cmd: SecretsCmd) -> Result<(), CliError> {
             let app = resolve_app(&args.app, manifest)?;
             let out = client(&context::current()?)?
                 .render_secrets(&app, Some(&args.env.env), args.reveal)
-                .await?;
+                .await
+                .map_err(hinted)?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(&out.file).unwrap_or_default()

@@ -517,6 +517,12 @@ pub enum ControlCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
+    /// Write a new master key file (mode 0600) for `--master-key-file`; refuses to overwrite.
+    Generate {
+        /// The file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Generate a new master key, make it current in the key file, and rewrap every data key
     /// with it (secrets are not re-encrypted; running control planes pick the new key up).
     Rotate(RotateArgs),
@@ -688,6 +694,17 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
                 report.is_equal() || report.replaced,
                 "the live views differ from a replay of the log; rerun with --replace to repair them"
             );
+            Ok(())
+        }
+        ControlCommand::Keys {
+            command: KeysCommand::Generate { out },
+        } => {
+            anyhow::ensure!(!out.exists(), "{} already exists", out.display());
+            kiln_control::secrets::ensure_key_file(&out)?;
+            let keys = kiln_control::secrets::MasterKeys::load(
+                &kiln_control::secrets::MasterKeySource::File(out.clone()),
+            )?;
+            println!("key_file={} key={}", out.display(), keys.current().id());
             Ok(())
         }
         ControlCommand::Keys {
