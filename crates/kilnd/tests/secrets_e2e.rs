@@ -1,8 +1,9 @@
 //! Secrets end to end on one machine: a real registry, the real `kilnd dev` (which creates its
 //! master key file on first start), the real `kiln` CLI, runc and kiln-init. A deployed instance
 //! reads `/.kiln/secrets.json` (mode 0400, owned by the app's user, on a tmpfs, also exported as
-//! env), and `kiln secrets set` rolls a new release whose instance reads the new version. No value
-//! appears in the CLI's other output, `kiln logs`, or the daemon's log.
+//! env), and `kiln secrets set` rolls a new release whose instance reads the new version; an app
+//! with `[secrets] reload = "signal"` gets the new file in place and a SIGHUP, without a release.
+//! No value appears in the CLI's other output, `kiln logs`, or the daemon's log.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -42,8 +43,30 @@ impl Drop for Cleanup<'_> {
 
 /// `kiln exec` of a busybox command line in the app; returns its stdout.
 fn exec(cli: &Cli, script: &str) -> Result<String> {
-    cli.ok(&["exec", "-a", APP, "--", "/bin/busybox", "sh", "-c", script])
+    exec_in(cli, APP, script)
 }
+
+fn exec_in(cli: &Cli, app: &str, script: &str) -> Result<String> {
+    cli.ok(&["exec", "-a", app, "--", "/bin/busybox", "sh", "-c", script])
+}
+
+/// An app that reloads in place: a shell that says which version it sees on every SIGHUP.
+const RELOADER: &str = r#"app = "reloader"
+entrypoint = ["/bin/busybox", "sh", "/app/reload.sh"]
+
+[secrets]
+reload = "signal"
+
+[vm]
+memory_mib = 64
+"#;
+
+const RELOAD_SH: &str = r#"trap 'echo "reloaded $(busybox head -c 12 /.kiln/secrets.json)"' HUP
+echo started
+while true; do busybox sleep 1 & wait $!; done
+"#;
+
+const THIRD: &str = "LEAKCANARY-e2e-third-77aa";
 
 /// Waits until release `version` is healthy (a rollout by `kiln secrets set`).
 async fn wait_healthy(cli: &Cli, version: u64) -> Result<()> {
@@ -89,6 +112,7 @@ async fn instance_reads_its_secrets_file_and_gets_new_versions() -> Result<()> {
     let image = kiln_testkit::example::hello_tls_image(&hello, "hello")?
         .file("/bin/busybox", busybox, 0o755)
         .symlink("/bin/sh", "busybox")
+        .file("/app/reload.sh", RELOAD_SH.as_bytes().to_vec(), 0o755)
         .user("app")
         .build()?;
     image.push(&registry.host(), APP, "v1").await?;
@@ -175,6 +199,59 @@ async fn instance_reads_its_secrets_file_and_gets_new_versions() -> Result<()> {
     ensure!(
         json["version"] == 3 && json["secrets"]["API_KEY"] == SECOND,
         "{json}"
+    );
+
+    // reload = "signal": the new version reaches the running instance in place, with a SIGHUP,
+    // and no release is created.
+    std::fs::write(tmp.path().join("reloader.toml"), RELOADER)?;
+    cli.ok(&["apps", "create", "reloader"])?;
+    cli.ok(&["secrets", "set", "-a", "reloader", "TOKEN=first"])?;
+    let out = cli.ok(&[
+        "deploy",
+        "-a",
+        "reloader",
+        "-c",
+        "reloader.toml",
+        "--image",
+        &format!("{}/{APP}:v1", registry.host()),
+    ])?;
+    ensure!(
+        out.contains("v1 is healthy"),
+        "deploy output: {out}\n{}",
+        dev.log()
+    );
+    let out = cli.ok(&[
+        "secrets",
+        "set",
+        "-a",
+        "reloader",
+        &format!("TOKEN={THIRD}"),
+    ])?;
+    ensure!(
+        out.contains("secrets version 2") && out.contains("SIGHUP"),
+        "{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let json: serde_json::Value =
+            serde_json::from_str(&exec_in(&cli, "reloader", "cat /.kiln/secrets.json")?)?;
+        let logs = cli.ok(&["logs", "-a", "reloader", "-n", "50"])?;
+        if json["version"] == 2 && logs.contains(r#"reloaded {"version":2"#) {
+            ensure!(json["secrets"]["TOKEN"] == THIRD, "{json}");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no in-place update: {json}\n{logs}\n{}",
+            dev.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["status", "-a", "reloader", "--json"])?)?;
+    ensure!(
+        status["releases"].as_array().map(Vec::len) == Some(1),
+        "{status}"
     );
 
     // list and render show names, versions and digests; --reveal shows values.
