@@ -275,10 +275,8 @@ async fn instance_file(
     }
     let app = c
         .store
-        .apps(None)
+        .app(inst.app_id.clone())
         .await?
-        .into_iter()
-        .find(|a| a.id == inst.app_id)
         .ok_or_else(not_found)?;
     let release = c
         .store

@@ -322,6 +322,11 @@ impl Store {
             .await
     }
 
+    pub async fn app(&self, id: AppId) -> Result<Option<AppRow>, StoreError> {
+        self.query_one(views::APP_BY_ID, vec![id.as_str().into()], views::app_row)
+            .await
+    }
+
     pub async fn apps(&self, org: Option<OrgId>) -> Result<Vec<AppRow>, StoreError> {
         match org {
             Some(org) => {

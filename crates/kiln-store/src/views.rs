@@ -685,6 +685,10 @@ pub(crate) const APP_BY_NAME: Query = Query {
     name: "app_by_name",
     sql: "SELECT id, org_id, name, created_at, release_count FROM apps WHERE name = $1",
 };
+pub(crate) const APP_BY_ID: Query = Query {
+    name: "app_by_id",
+    sql: "SELECT id, org_id, name, created_at, release_count FROM apps WHERE id = $1",
+};
 pub(crate) const APPS_ALL: Query = Query {
     name: "apps",
     sql: "SELECT id, org_id, name, created_at, release_count FROM apps ORDER BY name",

@@ -243,6 +243,14 @@ async fn secrets_views_answer_any_version_and_follow_rewraps(env: Env) {
         .await
         .unwrap()
         .is_empty());
+    assert_eq!(
+        s.app(app.clone())
+            .await
+            .unwrap()
+            .map(|a| a.name.to_string()),
+        Some("demo".into())
+    );
+    assert!(s.app(AppId::generate()).await.unwrap().is_none());
     // Replaying the log gives the same secrets views.
     assert!(s.rebuild_views(false).await.unwrap().is_equal());
 }
