@@ -212,6 +212,13 @@ impl MasterKeys {
     pub fn load(source: &MasterKeySource) -> Result<MasterKeys, KeyringError> {
         match source {
             MasterKeySource::File(path) => {
+                use std::os::unix::fs::PermissionsExt as _;
+                if let Ok(meta) = std::fs::metadata(path) {
+                    let mode = meta.permissions().mode();
+                    if mode & 0o077 != 0 {
+                        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the master key file is readable by other users; chmod 600 it");
+                    }
+                }
                 let text =
                     std::fs::read_to_string(path).map_err(|source| KeyringError::ReadFile {
                         path: path.clone(),
