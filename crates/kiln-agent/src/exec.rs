@@ -157,6 +157,7 @@ fn with_stream(frame: Frame, id: u32) -> Frame {
             stream: id,
             message,
         },
-        other @ (Frame::Hello { .. } | Frame::Log { .. }) => other,
+        // Stream 0 only; the relay never forwards a client's secrets frame to the guest.
+        other @ (Frame::Hello { .. } | Frame::Log { .. } | Frame::Secrets { .. }) => other,
     }
 }

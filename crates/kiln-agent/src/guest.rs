@@ -87,6 +87,19 @@ impl Guest {
         }
     }
 
+    /// Sends the instance's secrets file, waiting (up to `wait`) for the channel to be up. The
+    /// bytes are only in memory, here and in the writer queue, never on the host's disk.
+    pub(crate) async fn send_secrets(&self, frame: Frame, wait: Duration) -> bool {
+        let mut connected = self.connected.subscribe();
+        if tokio::time::timeout(wait, connected.wait_for(|c| *c))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.send(frame).await
+    }
+
     /// Starts a command in the instance, waiting (up to `wait`) for the channel to be up.
     pub(crate) async fn exec(
         self: &Arc<Self>,
@@ -240,7 +253,8 @@ impl Guest {
             | Frame::Stdin { .. }
             | Frame::StdinClose { .. }
             | Frame::Resize { .. }
-            | Frame::Signal { .. } => {}
+            | Frame::Signal { .. }
+            | Frame::Secrets { .. } => {}
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +36,12 @@ pub(crate) struct Instance {
     /// The guest channel; its task runs from start until teardown.
     pub guest: Arc<Guest>,
     guest_stop: watch::Sender<bool>,
+    /// The highest secrets version asked of the control plane for this instance.
+    secrets_requested: AtomicU64,
 }
+
+/// How long delivery of the first secrets file keeps retrying (kiln-init waits 60 s).
+const SECRETS_DELIVERY: Duration = Duration::from_secs(50);
 
 impl Instance {
     pub(crate) fn new(agent: &Agent, spec: WorkloadSpec) -> Self {
@@ -54,8 +60,61 @@ impl Instance {
             netns,
             host_if,
             stop_tx: watch::channel(false).0,
+            secrets_requested: AtomicU64::new(0),
             guest,
             guest_stop: watch::channel(false).0,
+        }
+    }
+
+    /// True (once per version) when `version` is newer than anything requested so far.
+    pub(crate) fn wants_secrets(&self, version: u64) -> bool {
+        self.spec.secrets.version > 0
+            && self.secrets_requested.load(Ordering::Relaxed) > 0
+            && self.secrets_requested.fetch_max(version, Ordering::Relaxed) < version
+    }
+
+    /// Fetches the instance's secrets file from the control plane (over the host token; only
+    /// instances placed on this host are answered) and sends it to kiln-init. Retries while the
+    /// control plane or the guest channel is not there yet. Values stay in memory.
+    pub(crate) async fn deliver_secrets(&self, agent: &Agent, update: bool) {
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let attempt = async {
+                let file = agent
+                    .client
+                    .instance_secrets(&agent.host_id, &self.id)
+                    .await
+                    .map_err(|e| error_chain(&e))?;
+                let version = file.version;
+                let bytes = serde_json::to_vec(&file).unwrap_or_default();
+                let frame = kiln_types::frame::Frame::Secrets {
+                    version,
+                    update,
+                    file: kiln_types::frame::Redacted(bytes),
+                };
+                if self.guest.send_secrets(frame, Duration::from_secs(5)).await {
+                    Ok(version)
+                } else {
+                    Err("the guest channel is not connected".to_owned())
+                }
+            };
+            match attempt.await {
+                Ok(version) => {
+                    self.secrets_requested.fetch_max(version, Ordering::Relaxed);
+                    tracing::info!(instance_id = %self.id, version, update, "secrets delivered to the instance");
+                    return;
+                }
+                Err(reason) if started.elapsed() < SECRETS_DELIVERY => {
+                    tracing::debug!(instance_id = %self.id, reason = %reason, "secrets not delivered yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(reason) => {
+                    tracing::warn!(instance_id = %self.id, reason = %reason, "secrets not delivered");
+                    return;
+                }
+            }
         }
     }
 
@@ -96,6 +155,16 @@ impl Instance {
                 .clone()
                 .run(agent.logs_tx.clone(), self.guest_stop.subscribe()),
         );
+        if self.spec.secrets.version > 0 {
+            if adopted {
+                // It got its file when it started; newer versions come through `apply`.
+                self.secrets_requested
+                    .fetch_max(self.spec.secrets.version, Ordering::Relaxed);
+            } else {
+                let (inst, agent) = (self.clone(), agent.clone());
+                tokio::spawn(async move { inst.deliver_secrets(&agent, false).await });
+            }
+        }
         let mut stop_rx = self.stop_tx.subscribe();
         let mut last: Option<InstanceState> = None;
         let mut checks = crate::health::Checks::new(&self.spec);
@@ -453,6 +522,11 @@ async fn run_config(
             interface: "eth0".into(),
             ipv6: spec.network.ipv6,
             gateway: crate::netlink::GATEWAY,
+        }),
+        secrets: (spec.secrets.version > 0).then(|| kiln_types::guest::GuestSecrets {
+            version: spec.secrets.version,
+            export_env: spec.secrets.export_env,
+            reload_signal: "SIGHUP".into(),
         }),
     })
 }

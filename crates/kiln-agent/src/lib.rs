@@ -34,11 +34,13 @@ use kiln_types::{HostId, InstanceId, InstanceState, MiB, MilliCpu};
 
 /// WorkloadSpec capabilities (`kiln_types::workload::capability`) this agent can apply. A spec
 /// that requires anything else is reported failed with the reason, before anything is applied.
-/// The runc driver runs HTTP and exec checks besides the 1.0 baseline; not yet volumes, the
-/// secrets file, kernel choice or performance CPUs.
+/// The runc driver runs HTTP and exec checks and writes the secrets file (optionally exported as
+/// env) besides the 1.0 baseline; not yet volumes, kernel choice or performance CPUs.
 const SUPPORTED_CAPABILITIES: &[&str] = &[
     kiln_types::workload::capability::CHECK_HTTP,
     kiln_types::workload::capability::CHECK_EXEC,
+    kiln_types::workload::capability::SECRETS,
+    kiln_types::workload::capability::SECRETS_ENV,
 ];
 
 pub use error::AgentError;
@@ -189,6 +191,10 @@ impl Agent {
                 Some(inst) => {
                     if !a.desired_running {
                         inst.request_stop();
+                    } else if inst.wants_secrets(a.secrets_version) {
+                        // A newer version for an app that reloads in place.
+                        let (inst, agent) = (inst.clone(), self.clone());
+                        tokio::spawn(async move { inst.deliver_secrets(&agent, true).await });
                     }
                 }
                 None => {

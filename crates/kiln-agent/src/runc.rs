@@ -70,7 +70,9 @@ pub(crate) fn bundle_config(
             { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"] },
             { "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"] },
             { "destination": INIT_PATH, "type": "bind", "source": init_binary, "options": ["bind", "ro", "nosuid", "nodev"] },
-            { "destination": RUN_DIR, "type": "bind", "source": run_dir, "options": ["bind", "rw", "nosuid", "nodev", "noexec"] }
+            { "destination": RUN_DIR, "type": "bind", "source": run_dir, "options": ["bind", "rw", "nosuid", "nodev", "noexec"] },
+            // The secrets file's tmpfs: never on the instance's (or the host's) disk.
+            { "destination": kiln_types::secrets::SECRETS_DIR, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "noexec", "mode=0700", "size=1024k"] }
         ],
         "linux": {
             "namespaces": [

@@ -5,6 +5,7 @@
 //! control plane implements these routes, and only these types cross between the services.
 
 pub mod client;
+pub mod secrets;
 pub mod types;
 
 pub use client::{ApiError, Client};

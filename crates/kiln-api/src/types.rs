@@ -78,6 +78,9 @@ pub struct Release {
     pub reason: Option<String>,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
+    /// The secrets version the release runs with (0: none).
+    #[serde(default)]
+    pub secrets_version: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,6 +128,10 @@ pub struct Assignment {
     pub spec: WorkloadSpec,
     pub desired_running: bool,
     pub state: InstanceState,
+    /// The secrets version the instance should hold now: `spec.secrets.version`, or newer when
+    /// the app replaces its secrets file in place (`[secrets] reload = "signal"`).
+    #[serde(default)]
+    pub secrets_version: u64,
 }
 
 /// Everything assigned to a host, as of log sequence `seq`.

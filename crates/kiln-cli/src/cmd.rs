@@ -34,6 +34,9 @@ pub enum Command {
     Logs(LogsArgs),
     /// Run a command in a running instance; exits with the command's exit code.
     Exec(ExecArgs),
+    /// Manage an app's secrets (delivered as /.kiln/secrets.json).
+    #[command(subcommand)]
+    Secrets(crate::secrets_cmd::SecretsCmd),
     /// Write a commented kiln.toml for an image.
     Init(crate::config_cmd::InitArgs),
     /// Work with kiln.toml: validate, show (with defaults), JSON Schema.
@@ -312,6 +315,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Rollback(args) => crate::ops_cmd::rollback(args).await,
         Command::Hosts(cmd) => crate::ops_cmd::hosts(cmd).await,
         Command::Context(cmd) => context_cmd(cmd).await,
+        Command::Secrets(cmd) => crate::secrets_cmd::run(cmd).await,
         Command::Whoami => crate::auth_cmd::whoami().await,
         Command::Login(args) => crate::auth_cmd::login(args).await,
         Command::Logout(args) => crate::auth_cmd::logout(args).await,

@@ -12,6 +12,7 @@ mod context;
 pub mod exit;
 mod ips_cmd;
 mod ops_cmd;
+mod secrets_cmd;
 mod term;
 
 use clap::Parser;

@@ -81,6 +81,7 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
         .route("/v1/hosts/{host}/drain", post(crate::hosts::drain))
         .route("/v1/hosts/{host}/ready", post(crate::hosts::undrain))
         .route("/v1/apps/{app}/rollback", post(rollback))
+        .merge(crate::secrets_api::routes())
         .layer(middleware::from_fn(request_id))
         .with_state(control)
 }
@@ -138,6 +139,7 @@ fn release_view(r: ReleaseRow) -> Release {
         reason: r.reason,
         created_at: r.created_at,
         updated_at: r.updated_at,
+        secrets_version: r.secrets_version,
     }
 }
 
@@ -378,6 +380,7 @@ async fn create_release(
             manifest: manifest_json,
             manifest_source: body.manifest.clone(),
             extra: port_events,
+            secrets_version: None,
         },
         idempotency,
     )
@@ -392,6 +395,8 @@ struct NewRelease {
     manifest_source: String,
     /// Events appended with `release_created`, in the same append (port allocations).
     extra: Vec<Event>,
+    /// The secrets version to pin; `None`: the environment's current one.
+    secrets_version: Option<u64>,
 }
 
 /// Appends `release_created` with the next version of the app (optimistic concurrency on the
@@ -411,6 +416,17 @@ async fn append_release(
     };
     for _ in 0..5 {
         let current = c.store.stream_version(stream.clone()).await?;
+        // The release pins a secrets version: the one current now (the expectation on the app
+        // stream, which secrets changes also append to, keeps the two consistent), or the one a
+        // rollback restores.
+        let secrets_version = match new.secrets_version {
+            Some(v) => v,
+            None => c
+                .store
+                .secret_env(row.id.clone(), kiln_types::secrets::DEFAULT_ENV.to_owned())
+                .await?
+                .map_or(0, |s| s.version),
+        };
         let app_now = owned_app(c, p, app).await?;
         let event = Event::ReleaseCreated {
             app_id: row.id.clone(),
@@ -420,6 +436,7 @@ async fn append_release(
             image: new.image.clone(),
             manifest: new.manifest.clone(),
             manifest_source: new.manifest_source.clone(),
+            secrets_version,
         };
         // Port allocations go in the same append: a release never runs with ports it does not
         // own, and the allocations view rejects the append if another app took a port meanwhile.
@@ -538,6 +555,8 @@ async fn rollback(
             manifest: target.manifest.clone(),
             manifest_source: target.manifest_source.clone(),
             extra: port_events,
+            // Restored with the rest: a release is image, manifest and secrets as one unit.
+            secrets_version: Some(target.secrets_version),
         },
         idempotency,
     )
@@ -604,10 +623,18 @@ async fn assignments(
         .map_err(|_| ApiFailure::not_found("host", &host))?;
     let seq = wait_past(&c, &q).await;
     let rows = c.store.instances_on_host(host).await?;
-    let assignments = rows
+    let rows: Vec<InstanceRow> = rows
         .into_iter()
         .filter(|i| !i.state.is_terminal() || i.desired_running)
+        .collect();
+    let secrets_versions = crate::secrets::assigned_versions(&c, &rows).await?;
+    let assignments = rows
+        .into_iter()
         .map(|i| Assignment {
+            secrets_version: secrets_versions
+                .get(&i.id)
+                .copied()
+                .unwrap_or(i.spec.secrets.version),
             desired_running: i.desired_running,
             state: i.state,
             spec: i.spec,

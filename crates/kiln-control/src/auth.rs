@@ -32,14 +32,15 @@ pub enum Scope {
     Host,
     /// An edge: watch routes.
     Edge,
-    // -- Added with users and tokens (issue 5, auth half). --
-    /// Set and unset app secrets (names and versions are readable with `read`).
+    /// Set and unset secrets (`kiln secrets set`/`unset`); listing names needs only `read`.
     SecretsWrite,
+    /// See secret values (`kiln secrets render --reveal`).
+    SecretsRead,
 }
 
 impl Scope {
     /// Every scope, in documentation order (docs/security/02-authz-and-scopes.md).
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 8] = [
         Scope::Admin,
         Scope::Read,
         Scope::Deploy,
@@ -47,6 +48,7 @@ impl Scope {
         Scope::Host,
         Scope::Edge,
         Scope::SecretsWrite,
+        Scope::SecretsRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +60,7 @@ impl Scope {
             Scope::Host => "host",
             Scope::Edge => "edge",
             Scope::SecretsWrite => "secrets:write",
+            Scope::SecretsRead => "secrets:read",
         }
     }
 

@@ -16,6 +16,11 @@ pub enum ControlError {
     },
     #[error("cannot create the user: {reason}")]
     InvalidUser { reason: String },
+    #[error("cannot load the master key for secrets")]
+    MasterKey {
+        #[source]
+        source: crate::secrets::KeyringError,
+    },
     #[error("cannot build the registry client")]
     RegistryClient {
         #[source]

@@ -17,6 +17,8 @@ mod hosts;
 mod ips;
 mod logs;
 mod reconciler;
+pub mod secrets;
+mod secrets_api;
 mod tokens_api;
 mod users;
 
@@ -58,6 +60,9 @@ pub struct ControlConfig {
     /// The URL users reach the API at (for `verification_uri`); default: `http://` + the
     /// request's `Host`.
     pub public_url: Option<String>,
+    /// Where the master keys of secrets encryption come from; without one, the secrets routes
+    /// answer `secrets_unavailable`.
+    pub master_key: Option<secrets::MasterKeySource>,
 }
 
 impl Default for ControlConfig {
@@ -74,6 +79,7 @@ impl Default for ControlConfig {
             device_poll_interval: Duration::from_secs(5),
             login_token_ttl: Duration::from_secs(7 * 24 * 3600),
             public_url: None,
+            master_key: None,
         }
     }
 }
@@ -89,6 +95,7 @@ pub struct Control {
     pub(crate) device: device::DeviceFlows,
     /// When each token last had a `token_used` event appended by this replica.
     pub(crate) token_touches: std::sync::Mutex<std::collections::HashMap<kiln_types::TokenId, i64>>,
+    pub(crate) keyring: Option<Arc<secrets::Keyring>>,
 }
 
 /// What first start created: the one org and its admin token (shown once, stored only as a hash).
@@ -105,7 +112,15 @@ impl Control {
             ..Default::default()
         })
         .map_err(|source| ControlError::RegistryClient { source })?;
+        let keyring = match &config.master_key {
+            Some(source) => Some(
+                secrets::Keyring::open(source.clone())
+                    .map_err(|source| ControlError::MasterKey { source })?,
+            ),
+            None => None,
+        };
         Ok(Arc::new(Control {
+            keyring,
             store,
             config,
             registry,
@@ -119,6 +134,14 @@ impl Control {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The master key ids the keyring holds (current first); empty without a master key.
+    pub fn master_key_ids(&self) -> Vec<String> {
+        self.keyring
+            .as_ref()
+            .map(|k| k.master_ids())
+            .unwrap_or_default()
     }
 
     /// The axum router serving the API.

@@ -490,8 +490,11 @@ impl Plan<'_> {
             h.used_memory.0 += req.memory.0 + kiln_scheduler::INSTANCE_OVERHEAD.0;
             h.used_cpu.0 += req.cpu.0;
         }
-        // No secrets store yet: version 0 (no secrets file), so nothing to export either.
-        let secrets = SecretsSpec::default();
+        // The release's pinned secrets version; 0 means no secrets file (and nothing to export).
+        let secrets = SecretsSpec {
+            version: rel.secrets_version,
+            export_env: rel.secrets_version > 0 && manifest.secrets.export_env,
+        };
         let mut spec = WorkloadSpec {
             spec_version: WORKLOAD_SPEC_VERSION.into(),
             requires: Default::default(),

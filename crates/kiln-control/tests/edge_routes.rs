@@ -33,6 +33,7 @@ fn release(app_id: &AppId, source: &str) -> Event {
         },
         manifest: serde_json::to_value(&m).unwrap(),
         manifest_source: source.into(),
+        secrets_version: 0,
     }
 }
 

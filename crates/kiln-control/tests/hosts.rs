@@ -110,6 +110,7 @@ fn release(app_id: &AppId, version: u64, digit: char, m: &kiln_manifest::Manifes
         },
         manifest: serde_json::to_value(m).unwrap(),
         manifest_source: MANIFEST.into(),
+        secrets_version: 0,
     }
 }
 

@@ -73,6 +73,7 @@ async fn each_process_group_gets_its_instances_and_its_spec() {
             },
             manifest: serde_json::to_value(&manifest).unwrap(),
             manifest_source: MANIFEST.into(),
+            secrets_version: 0,
         },
     ];
     store

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kiln_types::frame::{Frame, FrameReader, PROTOCOL_VERSION};
@@ -60,6 +60,19 @@ pub(crate) struct Shared {
     pub sessions: Mutex<HashMap<libc::pid_t, Arc<Session>>>,
     /// Exec sessions by stream id (for input frames).
     pub streams: Mutex<HashMap<u32, Arc<Session>>>,
+    secrets: Mutex<SecretsSlot>,
+    secrets_arrived: Condvar,
+}
+
+/// Secrets frames: held until the app starts, then applied in place.
+#[derive(Default)]
+struct SecretsSlot {
+    /// A file that arrived before the app started (version, bytes).
+    pending: Option<(u64, Vec<u8>)>,
+    /// The app's pid once started.
+    app: Option<libc::pid_t>,
+    /// The version on disk.
+    installed: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -74,7 +87,90 @@ impl Shared {
             backlog: Mutex::new(Backlog::default()),
             sessions: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
+            secrets: Mutex::new(SecretsSlot::default()),
+            secrets_arrived: Condvar::new(),
         })
+    }
+
+    /// Waits up to `wait` for the agent's first secrets frame.
+    pub fn wait_for_secrets(&self, wait: Duration) -> Option<(u64, Vec<u8>)> {
+        let deadline = Instant::now() + wait;
+        let mut slot = lock(&self.secrets);
+        loop {
+            if let Some(p) = slot.pending.take() {
+                return Some(p);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            slot = self
+                .secrets_arrived
+                .wait_timeout(slot, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// From now on secrets frames replace the file in place and signal `pid`; one that arrived
+    /// meanwhile is applied now.
+    pub fn app_started(&self, pid: libc::pid_t, installed: u64) {
+        let pending = {
+            let mut slot = lock(&self.secrets);
+            slot.app = Some(pid);
+            slot.installed = installed;
+            slot.pending.take()
+        };
+        if let Some((version, bytes)) = pending {
+            self.secrets_update(version, bytes);
+        }
+    }
+
+    fn secrets_frame(&self, version: u64, bytes: Vec<u8>) {
+        let started = {
+            let mut slot = lock(&self.secrets);
+            if slot.app.is_none() {
+                slot.pending = Some((version, bytes));
+                self.secrets_arrived.notify_all();
+                return;
+            }
+            true
+        };
+        if started {
+            self.secrets_update(version, bytes);
+        }
+    }
+
+    /// Replaces the file of a running app with a newer version and signals the app.
+    fn secrets_update(&self, version: u64, bytes: Vec<u8>) {
+        let Some(secrets) = &self.config.secrets else {
+            return;
+        };
+        let mut slot = lock(&self.secrets);
+        if version <= slot.installed {
+            return;
+        }
+        match crate::secrets::install(&bytes, self.config.uid, self.config.gid) {
+            Ok(_) => {
+                slot.installed = version;
+                let sig = crate::signal_number(&secrets.reload_signal);
+                if let Some(pid) = slot.app {
+                    // SAFETY: plain syscall.
+                    unsafe { libc::kill(pid, sig) };
+                }
+                crate::log(&format!(
+                    "secrets version {version} installed; sent {} to the app",
+                    secrets.reload_signal
+                ));
+            }
+            Err(e) => {
+                crate::log(&format!("secrets version {version} not installed: {e}"));
+                self.send(&Frame::Error {
+                    stream: 0,
+                    message: format!("secrets version {version} not installed: {e}"),
+                });
+            }
+        }
     }
 
     /// Sends a frame to the connected agent; false when none is connected or the write failed.
@@ -246,6 +342,7 @@ fn dispatch(frame: Frame, shared: &Arc<Shared>) {
             unsafe { libc::kill(libc::getpid(), signal) };
         }
         Frame::Signal { stream, signal } => with_session(shared, stream, |s| s.signal(signal)),
+        Frame::Secrets { version, file, .. } => shared.secrets_frame(version, file.0),
         // Frames only the guest sends; an agent sending them is ignored.
         Frame::Log { .. }
         | Frame::Stdout { .. }

@@ -21,6 +21,7 @@
 mod channel;
 mod exec;
 mod net;
+mod secrets;
 mod vm;
 
 use std::io::Read;
@@ -34,12 +35,14 @@ use kiln_types::frame::{ExitStatus, Frame, Output};
 use kiln_types::guest::{RunConfig, CHANNEL_SOCKET, RUN_CONFIG_PATH};
 
 const EXIT_PATH: &str = "/.kiln/exit.json";
+/// How long init waits for the agent's secrets frame before giving up on starting the app.
+const SECRETS_WAIT: Duration = Duration::from_secs(60);
 
 pub(crate) fn log(msg: &str) {
     eprintln!("kiln-init: {msg}");
 }
 
-fn signal_number(name: &str) -> libc::c_int {
+pub(crate) fn signal_number(name: &str) -> libc::c_int {
     match name {
         "SIGINT" => libc::SIGINT,
         "SIGQUIT" => libc::SIGQUIT,
@@ -187,6 +190,39 @@ fn run(config: RunConfig, transport: Transport) -> ExitStatus {
         log(&format!("cannot serve the guest channel: {e}"));
     }
 
+    // The secrets file comes before the app: an instance never starts without the version its
+    // release names.
+    let mut secret_env = std::collections::BTreeMap::new();
+    let mut installed = 0;
+    if let Some(s) = &config.secrets {
+        let Some((version, bytes)) = shared.wait_for_secrets(SECRETS_WAIT) else {
+            log(&format!(
+                "the agent did not deliver secrets version {} within {}s",
+                s.version,
+                SECRETS_WAIT.as_secs()
+            ));
+            return ExitStatus {
+                code: Some(126),
+                signal: None,
+            };
+        };
+        match secrets::install(&bytes, config.uid, config.gid) {
+            Ok(file) => {
+                installed = version;
+                if s.export_env {
+                    secret_env = file.secrets;
+                }
+            }
+            Err(e) => {
+                log(&format!("cannot install secrets version {version}: {e}"));
+                return ExitStatus {
+                    code: Some(126),
+                    signal: None,
+                };
+            }
+        }
+    }
+
     let Some((program, args)) = config.argv.split_first() else {
         log("run configuration has an empty argv");
         return ExitStatus {
@@ -198,6 +234,7 @@ fn run(config: RunConfig, transport: Transport) -> ExitStatus {
     cmd.args(args)
         .env_clear()
         .envs(&config.env)
+        .envs(&secret_env)
         .current_dir(&config.workdir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -218,6 +255,8 @@ fn run(config: RunConfig, transport: Transport) -> ExitStatus {
         }
     };
     let pid = child.id() as libc::pid_t;
+    drop(secret_env);
+    shared.app_started(pid, installed);
     let mut pumps = Vec::new();
     if let Some(out) = child.stdout.take() {
         let s = shared.clone();

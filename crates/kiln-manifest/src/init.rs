@@ -101,6 +101,7 @@ proxy_protocol = false
 {mark}secrets (always a JSON file in the instance; optionally also env variables)
 # [secrets]
 # export_env = false
+# reload = "restart"        # or "signal": replace the file in place and send SIGHUP
 
 {mark}Prometheus metrics served by the app
 # [metrics]

@@ -30,7 +30,7 @@ pub use init::{app_name_from_image, template as init_template, InitOptions, SECT
 pub use json_schema::{json_schema, json_schema_text};
 pub use model::{
     Deploy, Manifest, MaxUnavailable, Metrics, Mount, Process, Restart, RestartPolicy, Scale,
-    Secrets, Service, Strategy, Vm,
+    Secrets, SecretsReload, Service, Strategy, Vm,
 };
 pub use render::{to_toml, Style};
 pub use text::{format_duration, parse_duration, parse_size_mib, split_command};

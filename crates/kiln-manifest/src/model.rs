@@ -258,6 +258,29 @@ impl std::default::Default for Deploy {
 pub struct Secrets {
     /// Also export secrets as environment variables (they are always in the secrets file).
     pub export_env: bool,
+    /// What a secrets change does to running instances.
+    #[serde(default)]
+    pub reload: SecretsReload,
+}
+
+/// What a secrets change does to running instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretsReload {
+    /// A new release (same image and manifest, new secrets version) replaces the instances.
+    #[default]
+    Restart,
+    /// The file is replaced in place and the app gets SIGHUP.
+    Signal,
+}
+
+impl SecretsReload {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Restart => "restart",
+            Self::Signal => "signal",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -189,11 +189,18 @@ pub fn to_toml(m: &Manifest, style: Style) -> String {
 
     w.table(
         "secrets",
-        &[(
-            "export_env",
-            m.secrets.export_env.to_string(),
-            !m.secrets.export_env,
-        )],
+        &[
+            (
+                "export_env",
+                m.secrets.export_env.to_string(),
+                !m.secrets.export_env,
+            ),
+            (
+                "reload",
+                s(m.secrets.reload.as_str()),
+                m.secrets.reload == crate::SecretsReload::Restart,
+            ),
+        ],
     );
     if let Some(metrics) = &m.metrics {
         w.header("[metrics]");

@@ -115,6 +115,7 @@ pub(crate) const PORT: Ty = Ty::Int { min: 1, max: 65535 };
 pub(crate) const PROTOCOLS: &[&str] = &["tls", "tcp"];
 pub(crate) const CHECK_KINDS: &[&str] = &["tcp", "http", "exec"];
 pub(crate) const CPU_KINDS: &[&str] = &["shared", "performance"];
+pub(crate) const SECRETS_RELOADS: &[&str] = &["restart", "signal"];
 pub(crate) const STRATEGIES: &[&str] = &["rolling", "canary", "bluegreen", "immediate"];
 pub(crate) const RESTART_POLICIES: &[&str] = &["always", "on-failure", "never"];
 pub(crate) const STOP_SIGNALS: &[&str] = &[
@@ -376,12 +377,20 @@ pub(crate) static DEPLOY: Table = Table {
 
 pub(crate) static SECRETS: Table = Table {
     doc: "How the app's secrets reach it (always as a JSON file).",
-    fields: &[d(
-        "export_env",
-        Ty::Bool,
-        Default::Bool(false),
-        "Also export every secret as an environment variable.",
-    )],
+    fields: &[
+        d(
+            "export_env",
+            Ty::Bool,
+            Default::Bool(false),
+            "Also export every secret as an environment variable.",
+        ),
+        d(
+            "reload",
+            Ty::Enum(SECRETS_RELOADS),
+            Default::Str("restart"),
+            "When secrets change: restart rolls the instances (a new release); signal replaces the file in place and sends SIGHUP.",
+        ),
+    ],
 };
 
 pub(crate) static METRICS: Table = Table {

@@ -15,7 +15,7 @@ use kiln_types::{AppName, MiB, ServiceProtocol};
 
 use crate::model::{
     Deploy, Manifest, MaxUnavailable, Metrics, Mount, Process, Restart, RestartPolicy, Scale,
-    Secrets, Service, Strategy, Vm,
+    Secrets, SecretsReload, Service, Strategy, Vm,
 };
 use crate::schema::{self, Field, Table, Ty};
 use crate::text;
@@ -589,6 +589,10 @@ pub(crate) fn manifest(cx: &mut Cx, root: &DeTable<'_>) -> Option<Manifest> {
         .subtable(&top, "secrets", &schema::SECRETS)
         .map(|t| Secrets {
             export_env: cx.bool(&t, "export_env").unwrap_or(false),
+            reload: match cx.enumv(&t, "reload") {
+                Some("signal") => SecretsReload::Signal,
+                _ => SecretsReload::Restart,
+            },
         })
         .unwrap_or_default();
     let metrics = cx

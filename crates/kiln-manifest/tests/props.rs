@@ -9,7 +9,7 @@ use proptest::prelude::*;
 
 use kiln_manifest::{
     parse, to_toml, Deploy, Manifest, MaxUnavailable, Metrics, Mount, Process, Restart,
-    RestartPolicy, Scale, Secrets, Service, Strategy as DeployStrategy, Style, Vm,
+    RestartPolicy, Scale, Secrets, SecretsReload, Service, Strategy as DeployStrategy, Style, Vm,
 };
 use kiln_types::workload::{CheckKind, CheckSpec, Concurrency, CpuKind};
 use kiln_types::{MiB, ServiceProtocol};
@@ -228,7 +228,15 @@ fn manifest() -> impl Strategy<Value = Manifest> {
                     health_timeout_ms,
                     auto_rollback,
                 },
-                secrets: Secrets { export_env },
+                // Both reload modes are covered without another generator: tie it to export_env.
+                secrets: Secrets {
+                    export_env,
+                    reload: if export_env {
+                        SecretsReload::Signal
+                    } else {
+                        SecretsReload::Restart
+                    },
+                },
                 metrics: metrics.map(|(port, path)| Metrics { port, path }),
                 restart: Restart {
                     policy: restart.0,

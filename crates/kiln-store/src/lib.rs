@@ -37,8 +37,8 @@ use kiln_types::{AppId, HostId, InstanceId, InstanceState, OrgId, TokenId, UnixM
 pub use checksum::{RebuildReport, ViewChecksum};
 pub use error::{DbError, StoreError};
 pub use views::{
-    Allocation, AllocationRow, AppRow, HostRow, InstanceRow, MembershipRow, OrgRow, ReleaseRow,
-    TokenRow, UserRow,
+    Allocation, AllocationRow, AppRow, DataKeyRow, HostRow, InstanceRow, MembershipRow, OrgRow,
+    ReleaseRow, SecretEntryRow, SecretEnvRow, TokenRow, UserRow,
 };
 
 use sql::Val;
@@ -468,6 +468,51 @@ impl Store {
             views::RELEASES_IN_STATE,
             vec![state.as_str().into()],
             views::release_row,
+        )
+        .await
+    }
+
+    /// The data keys of an org (normally one), wrapped.
+    pub async fn data_keys_of_org(&self, org: OrgId) -> Result<Vec<DataKeyRow>, StoreError> {
+        self.query(
+            views::DATA_KEYS_OF_ORG,
+            vec![org.as_str().into()],
+            views::data_key_row,
+        )
+        .await
+    }
+
+    /// Every data key of every org, wrapped (master key rotation).
+    pub async fn all_data_keys(&self) -> Result<Vec<DataKeyRow>, StoreError> {
+        self.query(views::DATA_KEYS_ALL, vec![], views::data_key_row)
+            .await
+    }
+
+    /// An app environment's current secrets version (`None`: it never had secrets).
+    pub async fn secret_env(
+        &self,
+        app: AppId,
+        env: String,
+    ) -> Result<Option<SecretEnvRow>, StoreError> {
+        self.query_one(
+            views::SECRET_ENV,
+            vec![app.as_str().into(), env.into()],
+            views::secret_env_row,
+        )
+        .await
+    }
+
+    /// The secrets of an app environment as of `version` (ciphertext), by name.
+    pub async fn secrets_at(
+        &self,
+        app: AppId,
+        env: String,
+        version: u64,
+    ) -> Result<Vec<SecretEntryRow>, StoreError> {
+        self.query(
+            views::SECRETS_AT,
+            vec![app.as_str().into(), env.into(), version.into()],
+            views::secret_entry_row,
         )
         .await
     }

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use kiln_types::event::{Event, ReleaseState, Role};
+use kiln_types::secrets::SecretName;
 use kiln_types::{
     AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, MiB, MilliCpu, OrgId, ReleaseId,
     TokenId, UnixMillis, UserId, WorkloadSpec,
@@ -106,6 +107,33 @@ CREATE INDEX tokens_org ON tokens (org_id);
         sql: "ALTER TABLE hosts ADD COLUMN state TEXT NOT NULL DEFAULT 'ready'; ALTER TABLE hosts ADD COLUMN state_reason TEXT;",
         replay: false,
     },
+    // v6: secrets. `data_keys` holds each org's data key, wrapped by a master key. `secret_envs`
+    // holds each app environment's current secrets version. `secret_entries` holds every value
+    // (ciphertext) with the versions it is valid in, [from_version, to_version): the secrets of
+    // any version, current or pinned by an old release, are one range query, and a change never
+    // copies the unchanged ones. `releases.secrets_version` pins a release's version.
+    ViewMigration {
+        sql: r#"
+CREATE TABLE data_keys (
+    id TEXT PRIMARY KEY, org_id TEXT NOT NULL, master_key_id TEXT NOT NULL, wrapped TEXT NOT NULL,
+    created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL
+);
+CREATE INDEX data_keys_org ON data_keys (org_id);
+CREATE TABLE secret_envs (
+    app_id TEXT NOT NULL, env TEXT NOT NULL, version BIGINT NOT NULL, staged BIGINT NOT NULL,
+    live_version BIGINT NOT NULL, updated_at BIGINT NOT NULL,
+    PRIMARY KEY (app_id, env)
+);
+CREATE TABLE secret_entries (
+    app_id TEXT NOT NULL, env TEXT NOT NULL, name TEXT NOT NULL, from_version BIGINT NOT NULL,
+    to_version BIGINT, key_id TEXT NOT NULL, ciphertext TEXT NOT NULL, digest TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (app_id, env, name, from_version)
+);
+ALTER TABLE releases ADD COLUMN secrets_version BIGINT NOT NULL DEFAULT 0;
+"#,
+        replay: true,
+    },
 ];
 
 /// The current view schema version.
@@ -179,6 +207,7 @@ pub(crate) const VIEW_TABLES: &[ViewTable] = &[
             ("reason", Text),
             ("created_at", Int),
             ("updated_at", Int),
+            ("secrets_version", Int),
         ],
     },
     ViewTable {
@@ -245,6 +274,45 @@ pub(crate) const VIEW_TABLES: &[ViewTable] = &[
             ("updated_at", Int),
         ],
     },
+    ViewTable {
+        name: "data_keys",
+        key: "id",
+        cols: &[
+            ("id", Text),
+            ("org_id", Text),
+            ("master_key_id", Text),
+            ("wrapped", Text),
+            ("created_at", Int),
+            ("updated_at", Int),
+        ],
+    },
+    ViewTable {
+        name: "secret_envs",
+        key: "app_id, env",
+        cols: &[
+            ("app_id", Text),
+            ("env", Text),
+            ("version", Int),
+            ("staged", Int),
+            ("live_version", Int),
+            ("updated_at", Int),
+        ],
+    },
+    ViewTable {
+        name: "secret_entries",
+        key: "app_id, env, name, from_version",
+        cols: &[
+            ("app_id", Text),
+            ("env", Text),
+            ("name", Text),
+            ("from_version", Int),
+            ("to_version", Int),
+            ("key_id", Text),
+            ("ciphertext", Text),
+            ("digest", Text),
+            ("created_at", Int),
+        ],
+    },
 ];
 
 /// `edge_allocations.address` of a port of the shared addresses.
@@ -277,7 +345,7 @@ pub(crate) const DELETE_MEMBERSHIP: &str =
     "DELETE FROM memberships WHERE org_id = $1 AND user_id = $2";
 pub(crate) const INSERT_APP: &str =
     "INSERT INTO apps (id, org_id, name, created_at) VALUES ($1, $2, $3, $4)";
-pub(crate) const INSERT_RELEASE: &str = "INSERT INTO releases (id, app_id, version, image_input, image, manifest, manifest_source, state, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'deploying', $8, $8)";
+pub(crate) const INSERT_RELEASE: &str = "INSERT INTO releases (id, app_id, version, image_input, image, manifest, manifest_source, state, created_at, updated_at, secrets_version) VALUES ($1, $2, $3, $4, $5, $6, $7, 'deploying', $8, $8, $9)";
 pub(crate) const RAISE_RELEASE_COUNT: &str = "UPDATE apps SET release_count = CASE WHEN release_count < $2 THEN $2 ELSE release_count END WHERE id = $1";
 pub(crate) const SET_RELEASE_STATE: &str =
     "UPDATE releases SET state = $2, reason = $3, updated_at = $4 WHERE id = $1";
@@ -288,6 +356,13 @@ pub(crate) const INSERT_INSTANCE: &str = "INSERT INTO instances (id, app_id, rel
 pub(crate) const SET_INSTANCE_STATE: &str =
     "UPDATE instances SET state = $2, reason = $3, updated_at = $4 WHERE id = $1";
 pub(crate) const STOP_INSTANCE: &str = "UPDATE instances SET desired_running = FALSE, reason = CASE WHEN state = 'failed' THEN reason ELSE $2 END, updated_at = $3 WHERE id = $1";
+
+pub(crate) const INSERT_DATA_KEY: &str = "INSERT INTO data_keys (id, org_id, master_key_id, wrapped, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)";
+pub(crate) const REWRAP_DATA_KEY: &str =
+    "UPDATE data_keys SET master_key_id = $2, wrapped = $3, updated_at = $4 WHERE id = $1";
+pub(crate) const UPSERT_SECRET_ENV: &str = "INSERT INTO secret_envs (app_id, env, version, staged, live_version, updated_at) VALUES ($1, $2, $3, $4, CASE WHEN $4 = 0 THEN $3 ELSE 0 END, $5) ON CONFLICT (app_id, env) DO UPDATE SET version = excluded.version, staged = excluded.staged, live_version = CASE WHEN excluded.staged = 0 THEN excluded.version ELSE secret_envs.live_version END, updated_at = excluded.updated_at";
+pub(crate) const END_SECRET_ENTRY: &str = "UPDATE secret_entries SET to_version = $4 WHERE app_id = $1 AND env = $2 AND name = $3 AND to_version IS NULL";
+pub(crate) const INSERT_SECRET_ENTRY: &str = "INSERT INTO secret_entries (app_id, env, name, from_version, to_version, key_id, ciphertext, digest, created_at) VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8)";
 
 pub(crate) const INSERT_ALLOCATION: &str =
     "INSERT INTO edge_allocations (address, port, app_id, allocated_at) VALUES ($1, $2, $3, $4)";
@@ -398,6 +473,7 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
             image,
             manifest,
             manifest_source,
+            secrets_version,
         } => vec![
             (
                 INSERT_RELEASE,
@@ -410,6 +486,7 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
                     Val::Text(manifest.to_string()),
                     manifest_source.as_str().into(),
                     at,
+                    (*secrets_version).into(),
                 ],
             ),
             (
@@ -530,7 +607,110 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
                 app_id.as_str().into(),
             ],
         )],
+        Event::DataKeyCreated {
+            org_id,
+            key_id,
+            master_key_id,
+            wrapped,
+        } => vec![(
+            INSERT_DATA_KEY,
+            vec![
+                key_id.as_str().into(),
+                org_id.as_str().into(),
+                master_key_id.as_str().into(),
+                wrapped.as_str().into(),
+                at,
+            ],
+        )],
+        Event::DataKeyRewrapped {
+            key_id,
+            master_key_id,
+            wrapped,
+            ..
+        } => vec![(
+            REWRAP_DATA_KEY,
+            vec![
+                key_id.as_str().into(),
+                master_key_id.as_str().into(),
+                wrapped.as_str().into(),
+                at,
+            ],
+        )],
+        Event::SecretsSet {
+            app_id,
+            env,
+            version,
+            secrets,
+            staged,
+        } => {
+            let mut w = Vec::with_capacity(1 + 2 * secrets.len());
+            for s in secrets {
+                w.push((
+                    END_SECRET_ENTRY,
+                    vec![
+                        app_id.as_str().into(),
+                        env.as_str().into(),
+                        s.name.as_str().into(),
+                        (*version).into(),
+                    ],
+                ));
+                w.push((
+                    INSERT_SECRET_ENTRY,
+                    vec![
+                        app_id.as_str().into(),
+                        env.as_str().into(),
+                        s.name.as_str().into(),
+                        (*version).into(),
+                        s.key_id.as_str().into(),
+                        s.ciphertext.as_str().into(),
+                        s.digest.as_str().into(),
+                        at.clone(),
+                    ],
+                ));
+            }
+            w.push(upsert_secret_env(app_id, env, *version, *staged, at));
+            w
+        }
+        Event::SecretsUnset {
+            app_id,
+            env,
+            version,
+            names,
+            staged,
+        } => {
+            let mut w: Vec<Write> = names
+                .iter()
+                .map(|n| {
+                    (
+                        END_SECRET_ENTRY,
+                        vec![
+                            app_id.as_str().into(),
+                            env.as_str().into(),
+                            n.as_str().into(),
+                            (*version).into(),
+                        ],
+                    )
+                })
+                .collect();
+            w.push(upsert_secret_env(app_id, env, *version, *staged, at));
+            w
+        }
+        // Audit only: recorded in the log, no view.
+        Event::SecretsDelivered { .. } => vec![],
     }
+}
+
+fn upsert_secret_env(app: &AppId, env: &str, version: u64, staged: bool, at: Val) -> Write {
+    (
+        UPSERT_SECRET_ENV,
+        vec![
+            app.as_str().into(),
+            env.into(),
+            version.into(),
+            Val::Int(i64::from(staged)),
+            at,
+        ],
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -596,6 +776,8 @@ pub struct ReleaseRow {
     pub reason: Option<String>,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
+    /// The secrets version the release runs with (0: none).
+    pub secrets_version: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -716,15 +898,15 @@ pub(crate) const APPS_OF_ORG: Query = Query {
 };
 pub(crate) const RELEASES_OF_APP: Query = Query {
     name: "releases",
-    sql: "SELECT id, app_id, version, image_input, image, manifest, manifest_source, state, reason, created_at, updated_at FROM releases WHERE app_id = $1 ORDER BY version",
+    sql: "SELECT id, app_id, version, image_input, image, manifest, manifest_source, state, reason, created_at, updated_at, secrets_version FROM releases WHERE app_id = $1 ORDER BY version",
 };
 pub(crate) const RELEASES_IN_STATE: Query = Query {
     name: "releases_in_state",
-    sql: "SELECT id, app_id, version, image_input, image, manifest, manifest_source, state, reason, created_at, updated_at FROM releases WHERE state = $1 ORDER BY app_id, version",
+    sql: "SELECT id, app_id, version, image_input, image, manifest, manifest_source, state, reason, created_at, updated_at, secrets_version FROM releases WHERE state = $1 ORDER BY app_id, version",
 };
 pub(crate) const RELEASE: Query = Query {
     name: "release",
-    sql: "SELECT id, app_id, version, image_input, image, manifest, manifest_source, state, reason, created_at, updated_at FROM releases WHERE app_id = $1 AND version = $2",
+    sql: "SELECT id, app_id, version, image_input, image, manifest, manifest_source, state, reason, created_at, updated_at, secrets_version FROM releases WHERE app_id = $1 AND version = $2",
 };
 pub(crate) const HOSTS: Query = Query {
     name: "hosts",
@@ -835,6 +1017,7 @@ pub(crate) fn release_row(r: &dyn Cols) -> Result<ReleaseRow, DbError> {
         reason: r.opt_text(8)?,
         created_at: r.int(9)?,
         updated_at: r.int(10)?,
+        secrets_version: r.uint(11)?,
     })
 }
 
@@ -890,5 +1073,84 @@ pub(crate) fn allocation_row(r: &dyn Cols) -> Result<AllocationRow, DbError> {
         allocation,
         app_id: parsed(r, 2, parse)?,
         allocated_at: r.int(3)?,
+    })
+}
+
+/// An org's data key, as stored: wrapped by the master key `master_key_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataKeyRow {
+    pub id: String,
+    pub org_id: OrgId,
+    pub master_key_id: String,
+    pub wrapped: String,
+}
+
+/// An app environment's current secrets version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretEnvRow {
+    pub version: u64,
+    /// Whether the change that made this version was staged (waits for the next deploy).
+    pub staged: bool,
+    /// The version of the newest change that was not staged (what `reload = "signal"`
+    /// instances run with, unless their release pins a newer one).
+    pub live_version: u64,
+    pub updated_at: UnixMillis,
+}
+
+/// One secret as of some version: its ciphertext and the version that set it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretEntryRow {
+    pub name: SecretName,
+    /// The secrets version that set this value.
+    pub version: u64,
+    pub key_id: String,
+    pub ciphertext: String,
+    pub digest: String,
+    pub created_at: UnixMillis,
+}
+
+pub(crate) const DATA_KEYS_OF_ORG: Query = Query {
+    name: "data_keys_of_org",
+    sql: "SELECT id, org_id, master_key_id, wrapped FROM data_keys WHERE org_id = $1 ORDER BY created_at, id",
+};
+pub(crate) const DATA_KEYS_ALL: Query = Query {
+    name: "data_keys",
+    sql: "SELECT id, org_id, master_key_id, wrapped FROM data_keys ORDER BY id",
+};
+pub(crate) const SECRET_ENV: Query = Query {
+    name: "secret_env",
+    sql: "SELECT version, staged, updated_at, live_version FROM secret_envs WHERE app_id = $1 AND env = $2",
+};
+pub(crate) const SECRETS_AT: Query = Query {
+    name: "secrets_at",
+    sql: "SELECT name, from_version, key_id, ciphertext, digest, created_at FROM secret_entries WHERE app_id = $1 AND env = $2 AND from_version <= $3 AND (to_version IS NULL OR to_version > $3) ORDER BY name",
+};
+
+pub(crate) fn data_key_row(r: &dyn Cols) -> Result<DataKeyRow, DbError> {
+    Ok(DataKeyRow {
+        id: r.text(0)?,
+        org_id: parsed(r, 1, parse)?,
+        master_key_id: r.text(2)?,
+        wrapped: r.text(3)?,
+    })
+}
+
+pub(crate) fn secret_env_row(r: &dyn Cols) -> Result<SecretEnvRow, DbError> {
+    Ok(SecretEnvRow {
+        version: r.uint(0)?,
+        staged: r.int(1)? != 0,
+        updated_at: r.int(2)?,
+        live_version: r.uint(3)?,
+    })
+}
+
+pub(crate) fn secret_entry_row(r: &dyn Cols) -> Result<SecretEntryRow, DbError> {
+    Ok(SecretEntryRow {
+        name: parsed(r, 0, parse)?,
+        version: r.uint(1)?,
+        key_id: r.text(2)?,
+        ciphertext: r.text(3)?,
+        digest: r.text(4)?,
+        created_at: r.int(5)?,
     })
 }

@@ -13,6 +13,7 @@ use kiln_store::{
 };
 use kiln_testkit::postgres::{PostgresCluster, StopMode};
 use kiln_types::event::{Driver, Event, ReleaseState, Role};
+use kiln_types::secrets::SealedSecret;
 use kiln_types::{
     AppId, HostId, ImageRef, InstanceId, InstanceState, MiB, MilliCpu, OrgId, ReleaseId, TokenId,
     UserId, WorkloadSpec,
@@ -132,7 +133,128 @@ conformance!(
     unknown_and_malformed_events_are_typed_errors,
     backup_restores_a_store_that_serves_the_same_views,
     identity_views_follow_users_memberships_and_token_lifecycle,
+    secrets_views_answer_any_version_and_follow_rewraps,
 );
+
+fn sealed(name: &str, blob: &str) -> SealedSecret {
+    SealedSecret {
+        name: name.parse().unwrap(),
+        key_id: "dk_1".into(),
+        ciphertext: blob.into(),
+        digest: format!("sha256:{blob}"),
+    }
+}
+
+fn secrets_set(app: &AppId, version: u64, set: &[(&str, &str)], staged: bool) -> Event {
+    Event::SecretsSet {
+        app_id: app.clone(),
+        env: "production".into(),
+        version,
+        secrets: set.iter().map(|(n, b)| sealed(n, b)).collect(),
+        staged,
+    }
+}
+
+/// Values are valid over [set version, replacing version): any version, current or pinned by an
+/// old release, reads back exactly what it held; the env row tracks current and live versions.
+async fn secrets_views_answer_any_version_and_follow_rewraps(env: Env) {
+    let s = env.open().await;
+    let (org, app) = populate(&s).await;
+    s.append(append(vec![
+        NewEvent::any(Event::DataKeyCreated {
+            org_id: org.clone(),
+            key_id: "dk_1".into(),
+            master_key_id: "mk_old".into(),
+            wrapped: "w1".into(),
+        }),
+        NewEvent::any(secrets_set(&app, 1, &[("A", "a1"), ("B", "b1")], false)),
+    ]))
+    .await
+    .unwrap();
+    s.append(append(vec![NewEvent::any(secrets_set(
+        &app,
+        2,
+        &[("A", "a2")],
+        true,
+    ))]))
+    .await
+    .unwrap();
+    s.append(append(vec![NewEvent::any(Event::SecretsUnset {
+        app_id: app.clone(),
+        env: "production".into(),
+        version: 3,
+        names: vec!["B".parse().unwrap()],
+        staged: true,
+    })]))
+    .await
+    .unwrap();
+    let at = |v: u64| {
+        let s = s.clone();
+        let app = app.clone();
+        async move {
+            s.secrets_at(app, "production".into(), v)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.name.to_string(), e.version, e.ciphertext))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(at(0).await, vec![]);
+    assert_eq!(
+        at(1).await,
+        vec![("A".into(), 1, "a1".into()), ("B".into(), 1, "b1".into())]
+    );
+    assert_eq!(
+        at(2).await,
+        vec![("A".into(), 2, "a2".into()), ("B".into(), 1, "b1".into())]
+    );
+    assert_eq!(at(3).await, vec![("A".into(), 2, "a2".into())]);
+    let env_row = s
+        .secret_env(app.clone(), "production".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (env_row.version, env_row.staged, env_row.live_version),
+        (3, true, 1)
+    );
+    assert!(s
+        .secret_env(app.clone(), "staging".into())
+        .await
+        .unwrap()
+        .is_none());
+    s.append(append(vec![NewEvent::any(Event::DataKeyRewrapped {
+        org_id: org.clone(),
+        key_id: "dk_1".into(),
+        master_key_id: "mk_new".into(),
+        wrapped: "w2".into(),
+    })]))
+    .await
+    .unwrap();
+    let keys = s.data_keys_of_org(org.clone()).await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        (keys[0].master_key_id.as_str(), keys[0].wrapped.as_str()),
+        ("mk_new", "w2")
+    );
+    assert_eq!(s.all_data_keys().await.unwrap(), keys);
+    assert!(s
+        .data_keys_of_org(OrgId::generate())
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.app(app.clone())
+            .await
+            .unwrap()
+            .map(|a| a.name.to_string()),
+        Some("demo".into())
+    );
+    assert!(s.app(AppId::generate()).await.unwrap().is_none());
+    // Replaying the log gives the same secrets views.
+    assert!(s.rebuild_views(false).await.unwrap().is_equal());
+}
 
 fn meta(actor: &str) -> Metadata {
     Metadata {
@@ -280,6 +402,7 @@ async fn populate(s: &Store) -> (OrgId, AppId) {
         },
         manifest: serde_json::json!({"app": "demo"}),
         manifest_source: "app = \"demo\"\n".into(),
+        secrets_version: 0,
     })]))
     .await
     .unwrap();
@@ -841,18 +964,27 @@ async fn slow_watcher_reads_bounded_pages(env: Env) {
 
 async fn rebuild_matches_live_views_and_replace_repairs_them(env: Env) {
     let s = env.open().await;
-    let (_, app) = populate(&s).await;
-    // An edge allocation, so that every view has rows.
-    s.append(append(vec![NewEvent::any(Event::PortAllocated {
-        app_id: app,
-        port: 5432,
-    })]))
+    let (org, app) = populate(&s).await;
+    // An edge allocation and secrets, so that every view has rows.
+    s.append(append(vec![
+        NewEvent::any(Event::PortAllocated {
+            app_id: app.clone(),
+            port: 5432,
+        }),
+        NewEvent::any(Event::DataKeyCreated {
+            org_id: org,
+            key_id: "dk_1".into(),
+            master_key_id: "mk_1".into(),
+            wrapped: "w".into(),
+        }),
+        NewEvent::any(secrets_set(&app, 1, &[("A", "a1")], false)),
+    ]))
     .await
     .unwrap();
     let report = s.rebuild_views(false).await.unwrap();
     assert!(report.is_equal(), "{report:?}");
     assert_eq!(report.events, s.head());
-    assert_eq!(report.live.len(), 9);
+    assert_eq!(report.live.len(), 12);
     assert!(report.live.iter().all(|c| c.rows > 0), "{report:?}");
     // Damage a live view behind the store's back: the rebuild sees it, and replace repairs it.
     env.exec("UPDATE apps SET release_count = 42");

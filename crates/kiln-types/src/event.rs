@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::secrets::{SealedSecret, SecretName};
 use crate::{
     AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId, UserId,
 };
@@ -170,6 +171,10 @@ pub enum Event {
         manifest: serde_json::Value,
         /// The manifest file as uploaded, kept for `kiln releases show`.
         manifest_source: String,
+        /// The app's secrets version the release runs with (0: none), so a rollback restores
+        /// the secrets it ran with. Absent before secrets existed.
+        #[serde(default)]
+        secrets_version: u64,
     },
     ReleaseStateChanged {
         app_id: AppId,
@@ -263,6 +268,49 @@ pub enum Event {
         org_id: OrgId,
         user_id: UserId,
     },
+    /// The org's data key for secrets, created on the org's first secret, stored only wrapped
+    /// (encrypted) by the master key `master_key_id`.
+    DataKeyCreated {
+        org_id: OrgId,
+        key_id: String,
+        master_key_id: String,
+        /// Base64 of nonce ‖ wrapped key ‖ tag.
+        wrapped: String,
+    },
+    /// A data key wrapped again by another master key (master key rotation); the data key itself,
+    /// and so every secret's ciphertext, is unchanged.
+    DataKeyRewrapped {
+        org_id: OrgId,
+        key_id: String,
+        master_key_id: String,
+        wrapped: String,
+    },
+    /// Secrets of an app's environment set (added or replaced): a new secrets version. Values
+    /// only as ciphertext. `staged` changes wait for the next deploy.
+    SecretsSet {
+        app_id: AppId,
+        env: String,
+        version: u64,
+        secrets: Vec<SealedSecret>,
+        #[serde(default)]
+        staged: bool,
+    },
+    /// Secrets of an app's environment removed: a new secrets version.
+    SecretsUnset {
+        app_id: AppId,
+        env: String,
+        version: u64,
+        names: Vec<SecretName>,
+        #[serde(default)]
+        staged: bool,
+    },
+    /// An agent fetched an instance's secrets (audit: who received which version; no values).
+    SecretsDelivered {
+        instance_id: InstanceId,
+        app_id: AppId,
+        host_id: HostId,
+        version: u64,
+    },
 }
 
 /// What a member may do in an org; each role maps to a fixed set of token scopes
@@ -315,6 +363,11 @@ impl Event {
         "user_created",
         "membership_granted",
         "membership_revoked",
+        "data_key_created",
+        "data_key_rewrapped",
+        "secrets_set",
+        "secrets_unset",
+        "secrets_delivered",
     ];
 
     /// The payload schema version this build writes for an event type (`None` for a type it does
@@ -401,6 +454,11 @@ impl Event {
             Self::UserCreated { .. } => "user_created",
             Self::MembershipGranted { .. } => "membership_granted",
             Self::MembershipRevoked { .. } => "membership_revoked",
+            Self::DataKeyCreated { .. } => "data_key_created",
+            Self::DataKeyRewrapped { .. } => "data_key_rewrapped",
+            Self::SecretsSet { .. } => "secrets_set",
+            Self::SecretsUnset { .. } => "secrets_unset",
+            Self::SecretsDelivered { .. } => "secrets_delivered",
         }
     }
 
@@ -409,6 +467,8 @@ impl Event {
         let (kind, id) = match self {
             Self::OrgCreated { org_id, .. }
             | Self::TokenCreated { org_id, .. }
+            | Self::DataKeyCreated { org_id, .. }
+            | Self::DataKeyRewrapped { org_id, .. }
             | Self::TokenRevoked { org_id, .. }
             | Self::TokenUsed { org_id, .. }
             | Self::MembershipGranted { org_id, .. }
@@ -420,7 +480,9 @@ impl Event {
             | Self::PortAllocated { app_id, .. }
             | Self::PortReleased { app_id, .. }
             | Self::Ipv4Allocated { app_id, .. }
-            | Self::Ipv4Released { app_id, .. } => (StreamType::App, app_id.to_string()),
+            | Self::Ipv4Released { app_id, .. }
+            | Self::SecretsSet { app_id, .. }
+            | Self::SecretsUnset { app_id, .. } => (StreamType::App, app_id.to_string()),
             Self::HostRegistered { host_id, .. } | Self::HostStateChanged { host_id, .. } => {
                 (StreamType::Host, host_id.to_string())
             }
@@ -428,7 +490,8 @@ impl Event {
                 (StreamType::Instance, spec.instance_id.to_string())
             }
             Self::InstanceStateChanged { instance_id, .. }
-            | Self::InstanceStopRequested { instance_id, .. } => {
+            | Self::InstanceStopRequested { instance_id, .. }
+            | Self::SecretsDelivered { instance_id, .. } => {
                 (StreamType::Instance, instance_id.to_string())
             }
         };

@@ -11,7 +11,11 @@
 //!    timestamp, for as long as the connection lives;
 //! 3. the agent starts a command with [`Frame::ExecStart`] on a fresh stream id; both sides then
 //!    exchange `Stdin`/`Stdout`/`Stderr`/`Resize`/`Signal` on that stream until the guest sends
-//!    [`Frame::Exit`], which ends the stream.
+//!    [`Frame::Exit`], which ends the stream;
+//! 4. the agent sends [`Frame::Secrets`] (stream 0) with the instance's secrets file: before the
+//!    app starts (kiln-init waits for it when the run configuration names a secrets version) and,
+//!    for apps that reload in place, whenever a newer version exists (kiln-init replaces the file
+//!    and signals the app). Its bytes are [`Redacted`] so that no `Debug` print shows them.
 //!
 //! Wire format: `len: u32 BE` (of everything after it) · `kind: u8` · `stream: u32 BE` · payload.
 //! Byte payloads are raw; structured payloads are JSON. Decoding is total and bounded: any input
@@ -74,6 +78,16 @@ impl ExitStatus {
     }
 }
 
+/// Bytes that must not appear in a log line: their `Debug` shows only the length.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Redacted(pub Vec<u8>);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redacted({} bytes)", self.0.len())
+    }
+}
+
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -124,6 +138,13 @@ pub enum Frame {
         stream: u32,
         message: String,
     },
+    /// The instance's secrets file (JSON, see `kiln_types::secrets::SecretsFile`) at `version`.
+    /// `update` when it replaces a file the running app already has.
+    Secrets {
+        version: u64,
+        update: bool,
+        file: Redacted,
+    },
 }
 
 /// Why bytes could not be decoded as a frame.
@@ -149,6 +170,7 @@ mod kind {
     pub const SIGNAL: u8 = 9;
     pub const EXIT: u8 = 10;
     pub const ERROR: u8 = 11;
+    pub const SECRETS: u8 = 12;
 }
 
 fn put_header(out: &mut Vec<u8>, kind: u8, stream: u32, payload_len: usize) {
@@ -216,6 +238,16 @@ impl Frame {
             Frame::Error { stream, message } => {
                 put_header(out, kind::ERROR, *stream, message.len());
                 out.extend_from_slice(message.as_bytes());
+            }
+            Frame::Secrets {
+                version,
+                update,
+                file,
+            } => {
+                put_header(out, kind::SECRETS, 0, 9 + file.0.len());
+                out.extend_from_slice(&version.to_be_bytes());
+                out.push(u8::from(*update));
+                out.extend_from_slice(&file.0);
             }
         }
     }
@@ -322,6 +354,26 @@ impl Frame {
                 stream,
                 message: String::from_utf8_lossy(p).into_owned(),
             },
+            kind::SECRETS => {
+                if stream != 0 {
+                    return Err(bad("secrets frames use stream 0"));
+                }
+                if p.len() < 9 {
+                    return Err(bad("secrets frame shorter than its header"));
+                }
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&p[..8]);
+                let update = match p[8] {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(bad("update flag is neither 0 nor 1")),
+                };
+                Frame::Secrets {
+                    version: u64::from_be_bytes(v),
+                    update,
+                    file: Redacted(p[9..].to_vec()),
+                }
+            }
             other => return Err(FrameError::UnknownKind(other)),
         };
         Ok(Some((frame, HEADER_LEN + len)))
@@ -425,7 +477,56 @@ mod tests {
                 stream: 0,
                 message: "no such instance".into(),
             },
+            Frame::Secrets {
+                version: 7,
+                update: true,
+                file: Redacted(
+                    br#"{"version":7,"app":"a","env":"production","secrets":{"K":"v"}}"#.to_vec(),
+                ),
+            },
+            Frame::Secrets {
+                version: 1,
+                update: false,
+                file: Redacted(vec![]),
+            },
         ]
+    }
+
+    #[test]
+    fn secrets_frames_never_debug_print_their_bytes() {
+        let f = Frame::Secrets {
+            version: 3,
+            update: false,
+            file: Redacted(b"hunter2-secret".to_vec()),
+        };
+        assert!(!format!("{f:?}").contains("hunter2"));
+        assert!(matches!(
+            Frame::decode(&[
+                0,
+                0,
+                0,
+                14,
+                kind::SECRETS,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                1,
+                2
+            ]),
+            Err(FrameError::BadPayload { .. })
+        ));
+        assert!(matches!(
+            Frame::decode(&[0, 0, 0, 9, kind::SECRETS, 0, 0, 0, 0, 1, 2, 3, 4]),
+            Err(FrameError::BadPayload { .. })
+        ));
     }
 
     #[test]

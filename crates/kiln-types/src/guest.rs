@@ -39,6 +39,27 @@ pub struct RunConfig {
     /// same under runc and in a VM); `None` leaves the network as the runtime set it up.
     #[serde(default)]
     pub network: Option<GuestNetwork>,
+    /// The secrets file kiln-init must write before starting the app; `None`: the app has none.
+    #[serde(default)]
+    pub secrets: Option<GuestSecrets>,
+}
+
+/// The app's secrets as kiln-init handles them: it waits for the agent's `Secrets` frame before
+/// starting the app, writes [`crate::secrets::SECRETS_PATH`], and replaces it on later frames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestSecrets {
+    /// The version the release pins (informational: init writes what the agent sends).
+    pub version: u64,
+    /// Also put every secret in the app's environment.
+    #[serde(default)]
+    pub export_env: bool,
+    /// Signal sent to the app after the file is replaced in place (`SIGHUP`).
+    #[serde(default = "default_reload_signal")]
+    pub reload_signal: String,
+}
+
+fn default_reload_signal() -> String {
+    "SIGHUP".into()
 }
 
 /// The instance's interface as kiln-init configures it.
@@ -158,6 +179,7 @@ pub mod config_disk {
                 stop_signal: "SIGTERM".into(),
                 stop_timeout_ms: 5000,
                 network: None,
+                secrets: None,
             }
         }
 

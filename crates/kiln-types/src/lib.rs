@@ -14,6 +14,7 @@ pub mod guest;
 pub mod id;
 pub mod name;
 pub mod net;
+pub mod secrets;
 pub mod units;
 pub mod workload;
 

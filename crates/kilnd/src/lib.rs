@@ -79,6 +79,37 @@ pub struct DevArgs {
     /// QEMU accelerator: `kvm` (hardware) or `tcg` (software emulation).
     #[arg(long, value_enum, default_value_t = AccelArg::Kvm)]
     pub qemu_accel: AccelArg,
+    /// File of master keys for secrets encryption (default: `DATA_DIR/master.key`, created on
+    /// first start; `KILN_MASTER_KEY` is used instead when set and this flag is not).
+    #[arg(long)]
+    pub master_key_file: Option<PathBuf>,
+}
+
+/// Where the master key comes from: the file given, else `KILN_MASTER_KEY`, else (for
+/// `kilnd dev` only) a file in the data directory, created on first start.
+fn master_key_source(
+    file: Option<&Path>,
+    dev_data_dir: Option<&Path>,
+) -> anyhow::Result<Option<kiln_control::secrets::MasterKeySource>> {
+    use kiln_control::secrets::{MasterKeySource, MASTER_KEY_ENV};
+    if let Some(f) = file {
+        return Ok(Some(MasterKeySource::File(f.to_owned())));
+    }
+    if let Ok(v) = std::env::var(MASTER_KEY_ENV) {
+        return Ok(Some(MasterKeySource::Env(v)));
+    }
+    let Some(dir) = dev_data_dir else {
+        return Ok(None);
+    };
+    let path = dir.join("master.key");
+    if kiln_control::secrets::ensure_key_file(&path)? {
+        tracing::warn!(path = %path.display(), "created a master key for secrets; back it up apart from the store: without it no secret can be read");
+        println!(
+            "kilnd dev: created the secrets master key {} (back it up apart from kiln.db)",
+            path.display()
+        );
+    }
+    Ok(Some(MasterKeySource::File(path)))
 }
 
 /// `--driver`.
@@ -236,12 +267,14 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
     let data_dir = args.data_dir.canonicalize()?;
     let init_binary = find_init(args.init_binary.clone())?;
     let store = kiln_store::Store::open_sqlite(&data_dir.join("kiln.db")).await?;
+    let master_key = master_key_source(args.master_key_file.as_deref(), Some(&data_dir))?;
     let control = Control::new(
         store,
         ControlConfig {
             app_domain: args.domain.clone(),
             plain_http_registries: args.plain_http_registries.clone(),
             ipv4_pool: args.ipv4_pool,
+            master_key,
             ..Default::default()
         },
     )?;
@@ -567,6 +600,11 @@ pub enum ControlCommand {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// Operations on the master keys of secrets encryption.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -588,6 +626,31 @@ pub struct CreateUserArgs {
     pub role: String,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write a new master key file (mode 0600) for `--master-key-file`; refuses to overwrite.
+    Generate {
+        /// The file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generate a new master key, make it current in the key file, and rewrap every data key
+    /// with it (secrets are not re-encrypted; running control planes pick the new key up).
+    Rotate(RotateArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The master key file to rotate (default: `DATA_DIR/master.key`).
+    #[arg(long)]
+    pub master_key_file: Option<PathBuf>,
+    /// Remove the old keys from the file once no data key uses them.
+    #[arg(long)]
+    pub drop_old: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -643,6 +706,10 @@ pub struct ServeArgs {
     /// `http://` + the request's Host header).
     #[arg(long)]
     pub public_url: Option<String>,
+    /// File of master keys for secrets encryption (else `KILN_MASTER_KEY`; with neither, the
+    /// secrets routes are unavailable).
+    #[arg(long)]
+    pub master_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -671,6 +738,12 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
             let store = kiln_store::Store::open(&location, kiln_store::Options::default())
                 .await
                 .with_context(|| format!("cannot open the store at {location}"))?;
+            let master_key = master_key_source(args.master_key_file.as_deref(), None)?;
+            if master_key.is_none() {
+                tracing::warn!(
+                    "no master key (--master-key-file or KILN_MASTER_KEY): secrets are unavailable"
+                );
+            }
             let control = Control::new(
                 store,
                 ControlConfig {
@@ -678,6 +751,7 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
                     plain_http_registries: args.plain_http_registries.clone(),
                     ipv4_pool: args.ipv4_pool,
                     public_url: args.public_url.clone(),
+                    master_key,
                     ..Default::default()
                 },
             )?;
@@ -748,6 +822,44 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
         ControlCommand::Users {
             command: UsersCommand::Create(args),
         } => create_user(args).await,
+        ControlCommand::Keys {
+            command: KeysCommand::Generate { out },
+        } => {
+            anyhow::ensure!(!out.exists(), "{} already exists", out.display());
+            kiln_control::secrets::ensure_key_file(&out)?;
+            let keys = kiln_control::secrets::MasterKeys::load(
+                &kiln_control::secrets::MasterKeySource::File(out.clone()),
+            )?;
+            println!("key_file={} key={}", out.display(), keys.current().id());
+            Ok(())
+        }
+        ControlCommand::Keys {
+            command: KeysCommand::Rotate(args),
+        } => {
+            let location = args.store.location();
+            if let kiln_store::Location::Sqlite(path) = &location {
+                anyhow::ensure!(path.is_file(), "there is no store at {}", path.display());
+            }
+            let key_file = match (&args.master_key_file, &args.store.data_dir) {
+                (Some(f), _) => f.clone(),
+                (None, Some(dir)) => dir.join("master.key"),
+                (None, None) => anyhow::bail!("pass --master-key-file"),
+            };
+            let store = kiln_store::Store::open(&location, kiln_store::Options::default())
+                .await
+                .with_context(|| format!("cannot open the store at {location}"))?;
+            let report =
+                kiln_control::secrets::rotate_master_key(&store, &key_file, args.drop_old).await?;
+            println!(
+                "new_key={} previous_keys={} data_keys_rewrapped={} key_file={} keys_in_file={}",
+                report.new_key_id,
+                report.previous_key_ids.join(","),
+                report.rewrapped,
+                key_file.display(),
+                report.file_key_ids.join(",")
+            );
+            Ok(())
+        }
         ControlCommand::Backup(args) => {
             let path = args.data_dir.join("kiln.db");
             anyhow::ensure!(path.is_file(), "there is no store at {}", path.display());

@@ -189,6 +189,7 @@ fn app_history(org: &OrgId, host: &HostId, n: usize) -> Result<Vec<NewEvent>> {
             },
             manifest: serde_json::json!({"app": format!("app-{n}")}),
             manifest_source: format!("app = \"app-{n}\"\n"),
+            secrets_version: 0,
         },
     ];
     let instances: Vec<InstanceId> = (0..5).map(|_| InstanceId::generate()).collect();
