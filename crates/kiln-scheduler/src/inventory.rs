@@ -1,0 +1,480 @@
+//! The inventory: hosts, what they hold, and the index that makes a placement cheap.
+//!
+//! The index keeps, per (region, driver), the ready hosts ordered by free memory (most first,
+//! then by slot). A placement walks the candidate buckets of its request in that order:
+//! - the walk stops at the first host whose free memory is below the request's need: every host
+//!   after it has less, so none of them can pass the memory hard cap;
+//! - every host visited is checked against every constraint, so the index only decides the
+//!   order of the walk, never whether a host fits;
+//! - the score is (instances of the request's group on the host, fewest first; free memory after
+//!   placement, most first; slot): the first visited host that fits with no instance of the group
+//!   is the best there is, and the walk ends there. Otherwise the walk goes on to the end of the
+//!   fitting hosts and keeps the best.
+//!
+//! So the index gives exactly the host a scan of every host would give ([`Inventory::explain`]
+//! is that scan; a property test checks both agree). The cost is the number of hosts visited,
+//! which is small unless the group already covers most hosts with free memory.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+
+use kiln_types::{HostId, MiB};
+
+use crate::model::{
+    Constraint, Driver, Group, Host, HostState, NoFit, Policy, Region, Request, Volumes,
+    INSTANCE_OVERHEAD,
+};
+
+/// Index of a host in the inventory (stable for the inventory's life).
+type Slot = u32;
+
+/// What one instance takes from its host (for instances placed before this inventory existed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub group: Group,
+    /// The instance's memory, without the overhead (the inventory adds it).
+    pub memory: MiB,
+    pub cpu: kiln_types::MilliCpu,
+    /// Volume space it holds on the host.
+    pub disk: MiB,
+}
+
+/// A host with what it holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) host: Host,
+    pub(crate) used_memory: u64,
+    pub(crate) used_cpu: u64,
+    pub(crate) used_disk: u64,
+    pub(crate) instances: u32,
+    /// CPU that may be promised: `cpu × oversubscription`.
+    pub(crate) cpu_limit: u64,
+    /// The bucket this host is indexed in, when ready.
+    bucket: Option<u32>,
+}
+
+impl Entry {
+    fn free_memory(&self) -> u64 {
+        self.host.memory.0.saturating_sub(self.used_memory)
+    }
+}
+
+struct Bucket {
+    /// Ready hosts ordered by free memory, most first; ties by slot.
+    by_free: BTreeSet<(Reverse<u64>, Slot)>,
+}
+
+/// Hosts, their usage and the placement index. Build one per reconcile pass from the views (or
+/// keep one and feed it every change), then place.
+pub struct Inventory {
+    policy: Policy,
+    entries: Vec<Entry>,
+    slots: HashMap<HostId, Slot>,
+    buckets: Vec<Bucket>,
+    bucket_of: HashMap<(Region, Driver), u32>,
+    /// Buckets of each region, in the order they were created.
+    region_buckets: HashMap<Region, Vec<u32>>,
+    /// Instances of each group per host.
+    groups: HashMap<Group, HashMap<Slot, u32>>,
+}
+
+/// Placing `count` instances of one request, one after another.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Batch {
+    /// The host of each instance placed, in order.
+    pub hosts: Vec<HostId>,
+    /// When fewer than asked were placed: how many are missing and why the next did not fit.
+    pub shortfall: Option<(u32, NoFit)>,
+}
+
+impl Inventory {
+    /// An inventory of `hosts` (ordered by id, which fixes the tie-breaks), none holding anything.
+    pub fn new(mut hosts: Vec<Host>, policy: Policy) -> Self {
+        hosts.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut inv = Self {
+            policy,
+            entries: Vec::with_capacity(hosts.len()),
+            slots: HashMap::with_capacity(hosts.len()),
+            buckets: Vec::new(),
+            bucket_of: HashMap::new(),
+            region_buckets: HashMap::new(),
+            groups: HashMap::new(),
+        };
+        for h in hosts {
+            inv.add_host(h);
+        }
+        inv
+    }
+
+    /// Adds a host (holding nothing yet). A host already known is replaced by the new
+    /// description, keeping what it holds.
+    pub fn add_host(&mut self, host: Host) {
+        if let Some(&slot) = self.slots.get(&host.id) {
+            self.unindex(slot);
+            let cpu_limit = cpu_limit(&host, &self.policy);
+            let e = &mut self.entries[slot as usize];
+            e.host = host;
+            e.cpu_limit = cpu_limit;
+            self.index(slot);
+            return;
+        }
+        let slot = self.entries.len() as Slot;
+        self.slots.insert(host.id.clone(), slot);
+        self.entries.push(Entry {
+            cpu_limit: cpu_limit(&host, &self.policy),
+            host,
+            used_memory: 0,
+            used_cpu: 0,
+            used_disk: 0,
+            instances: 0,
+            bucket: None,
+        });
+        self.index(slot);
+    }
+
+    /// Changes a host's state; returns false for an unknown host.
+    pub fn set_state(&mut self, host: &HostId, state: HostState) -> bool {
+        let Some(&slot) = self.slots.get(host) else {
+            return false;
+        };
+        self.unindex(slot);
+        self.entries[slot as usize].host.state = state;
+        self.index(slot);
+        true
+    }
+
+    /// Records an instance already on `host` (from the views). Usage may exceed a host's
+    /// capacity here (the inventory reflects what is, not what it would allow). Returns false
+    /// for an unknown host.
+    pub fn add_instance(&mut self, host: &HostId, usage: &Usage) -> bool {
+        let Some(&slot) = self.slots.get(host) else {
+            return false;
+        };
+        self.commit(
+            slot,
+            &usage.group,
+            usage.memory.0 + INSTANCE_OVERHEAD.0,
+            u64::from(usage.cpu.0),
+            usage.disk.0,
+        );
+        true
+    }
+
+    /// Forgets an instance recorded on `host` (stopped, moved). Returns false for an unknown
+    /// host.
+    pub fn remove_instance(&mut self, host: &HostId, usage: &Usage) -> bool {
+        let Some(&slot) = self.slots.get(host) else {
+            return false;
+        };
+        self.unindex(slot);
+        let e = &mut self.entries[slot as usize];
+        e.used_memory = e
+            .used_memory
+            .saturating_sub(usage.memory.0 + INSTANCE_OVERHEAD.0);
+        e.used_cpu = e.used_cpu.saturating_sub(u64::from(usage.cpu.0));
+        e.used_disk = e.used_disk.saturating_sub(usage.disk.0);
+        e.instances = e.instances.saturating_sub(1);
+        if let Some(counts) = self.groups.get_mut(&usage.group) {
+            if let Some(n) = counts.get_mut(&slot) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&slot);
+                }
+            }
+        }
+        self.index(slot);
+        true
+    }
+
+    /// The host `req` would go to, without recording it; or why none fits.
+    pub fn choose(&self, req: &Request) -> Result<HostId, NoFit> {
+        match self.best(req) {
+            Some(slot) => Ok(self.entries[slot as usize].host.id.clone()),
+            None => Err(self.no_fit(req)),
+        }
+    }
+
+    /// Places one instance: picks its host and records the instance there, so the next placement
+    /// sees it (one pass never overcommits).
+    pub fn place(&mut self, req: &Request) -> Result<HostId, NoFit> {
+        let Some(slot) = self.best(req) else {
+            return Err(self.no_fit(req));
+        };
+        self.commit(
+            slot,
+            &req.group,
+            req.memory_with_overhead(),
+            u64::from(req.cpu.0),
+            req.new_disk(),
+        );
+        Ok(self.entries[slot as usize].host.id.clone())
+    }
+
+    /// Places `count` instances of `req` one after another, each seeing the ones before (so they
+    /// spread over hosts by the group rule). Stops at the first that does not fit: the inventory
+    /// only fills up, so the rest would not fit either.
+    pub fn place_many(&mut self, req: &Request, count: u32) -> Batch {
+        let mut batch = Batch {
+            hosts: Vec::with_capacity(count as usize),
+            shortfall: None,
+        };
+        for placed in 0..count {
+            match self.place(req) {
+                Ok(h) => batch.hosts.push(h),
+                Err(nofit) => {
+                    batch.shortfall = Some((count - placed, nofit));
+                    break;
+                }
+            }
+        }
+        batch
+    }
+
+    /// Places `count` instances in each of `regions` (a group's `scale.count` per region):
+    /// `req` with its region replaced, one region after another. Regions share no host, so one
+    /// region's shortfall does not change another's placements. Returns one batch per region,
+    /// in the order given.
+    pub fn place_per_region(
+        &mut self,
+        req: &Request,
+        regions: &[Region],
+        count: u32,
+    ) -> Vec<Batch> {
+        let mut r = req.clone();
+        regions
+            .iter()
+            .map(|region| {
+                r.region = region.clone();
+                self.place_many(&r, count)
+            })
+            .collect()
+    }
+
+    /// Hosts known, ready or not.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Memory used on `host` (instances plus their overhead).
+    pub fn used_memory(&self, host: &HostId) -> Option<MiB> {
+        self.slots
+            .get(host)
+            .map(|&s| MiB(self.entries[s as usize].used_memory))
+    }
+
+    /// Instances of `group` recorded on `host`.
+    pub fn group_count(&self, host: &HostId, group: &Group) -> u32 {
+        self.slots
+            .get(host)
+            .and_then(|s| self.groups.get(group).and_then(|c| c.get(s)).copied())
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub(crate) fn group_counts(&self, group: &Group) -> Option<&HashMap<Slot, u32>> {
+        self.groups.get(group)
+    }
+
+    pub(crate) fn slot_of(&self, host: &HostId) -> Option<Slot> {
+        self.slots.get(host).copied()
+    }
+
+    /// The first constraint `e` fails for `req`, if any; the single source of truth for the
+    /// index walk, the explanation and the no-fit count.
+    pub(crate) fn check(
+        &self,
+        slot: Slot,
+        req: &Request,
+        pinned: Option<Slot>,
+    ) -> Option<Constraint> {
+        let e = &self.entries[slot as usize];
+        match e.host.state {
+            HostState::Down => return Some(Constraint::HostDown),
+            HostState::Draining => return Some(Constraint::HostDraining),
+            HostState::Ready => {}
+        }
+        if e.host.region != req.region {
+            return Some(Constraint::Region);
+        }
+        if !req.drivers.is_empty() && !req.drivers.contains(&e.host.driver) {
+            return Some(Constraint::Driver);
+        }
+        if matches!(req.volumes, Volumes::Existing { .. }) && pinned != Some(slot) {
+            return Some(Constraint::VolumeLocality);
+        }
+        self.check_capacity(e, req)
+    }
+
+    /// The capacity constraints alone (memory, CPU, disk).
+    fn check_capacity(&self, e: &Entry, req: &Request) -> Option<Constraint> {
+        if e.free_memory() < req.memory_with_overhead() {
+            return Some(Constraint::Memory);
+        }
+        if e.used_cpu + u64::from(req.cpu.0) > e.cpu_limit {
+            return Some(Constraint::Cpu);
+        }
+        let disk = req.new_disk();
+        if disk > 0 && e.used_disk + disk > e.host.disk.0 {
+            return Some(Constraint::Disk);
+        }
+        None
+    }
+
+    /// The host an existing volume pins the request to, if the request has one and the host is
+    /// known.
+    pub(crate) fn pinned(&self, req: &Request) -> Option<Slot> {
+        match &req.volumes {
+            Volumes::Existing { host } => self.slot_of(host),
+            _ => None,
+        }
+    }
+
+    /// The score of a fitting host: lower is better.
+    pub(crate) fn score(
+        &self,
+        slot: Slot,
+        counts: Option<&HashMap<Slot, u32>>,
+        need: u64,
+    ) -> (u32, Reverse<u64>, Slot) {
+        let same = counts.and_then(|c| c.get(&slot)).copied().unwrap_or(0);
+        let free_after = self.entries[slot as usize].free_memory() - need;
+        (same, Reverse(free_after), slot)
+    }
+
+    /// The best host for `req` through the index, or None.
+    fn best(&self, req: &Request) -> Option<Slot> {
+        let need = req.memory_with_overhead();
+        let counts = self.groups.get(&req.group);
+        if let Volumes::Existing { .. } = req.volumes {
+            let slot = self.pinned(req)?;
+            return self.check(slot, req, Some(slot)).is_none().then_some(slot);
+        }
+        // Candidate buckets: the request's region, its drivers (or all of them).
+        let mut walks: Vec<std::iter::Peekable<_>> = Vec::new();
+        let mut add = |b: u32| walks.push(self.buckets[b as usize].by_free.iter().peekable());
+        if req.drivers.is_empty() {
+            for &b in self.region_buckets.get(&req.region).into_iter().flatten() {
+                add(b);
+            }
+        } else {
+            for (i, d) in req.drivers.iter().enumerate() {
+                // A driver listed twice must not walk its bucket twice.
+                if req.drivers[..i].contains(d) {
+                    continue;
+                }
+                if let Some(&b) = self.bucket_of.get(&(req.region.clone(), d.clone())) {
+                    add(b);
+                }
+            }
+        }
+        let mut best: Option<(u32, Slot)> = None;
+        loop {
+            // Merge the buckets: next host by (most free memory, lowest slot).
+            let mut next: Option<(usize, (Reverse<u64>, Slot))> = None;
+            for (i, w) in walks.iter_mut().enumerate() {
+                if let Some(&&k) = w.peek() {
+                    if next.is_none_or(|(_, n)| k < n) {
+                        next = Some((i, k));
+                    }
+                }
+            }
+            let Some((i, (Reverse(free), slot))) = next else {
+                break;
+            };
+            walks[i].next();
+            if free < need {
+                // Sorted by free memory: nothing after this host can pass the hard cap.
+                break;
+            }
+            let e = &self.entries[slot as usize];
+            if self.check_capacity(e, req).is_some() {
+                continue;
+            }
+            let same = counts.and_then(|c| c.get(&slot)).copied().unwrap_or(0);
+            if same == 0 {
+                return Some(slot);
+            }
+            if best.is_none_or(|(b, _)| same < b) {
+                best = Some((same, slot));
+            }
+        }
+        best.map(|(_, s)| s)
+    }
+
+    /// Counts, per constraint, why no host fits `req` (a scan of every host; only on failure).
+    fn no_fit(&self, req: &Request) -> NoFit {
+        let pinned = self.pinned(req);
+        let mut nofit = NoFit::default();
+        for slot in 0..self.entries.len() as Slot {
+            if let Some(c) = self.check(slot, req, pinned) {
+                *nofit.by_constraint.entry(c).or_default() += 1;
+            }
+        }
+        nofit
+    }
+
+    fn commit(&mut self, slot: Slot, group: &Group, memory: u64, cpu: u64, disk: u64) {
+        self.unindex(slot);
+        let e = &mut self.entries[slot as usize];
+        e.used_memory += memory;
+        e.used_cpu += cpu;
+        e.used_disk += disk;
+        e.instances += 1;
+        if let Some(counts) = self.groups.get_mut(group) {
+            *counts.entry(slot).or_default() += 1;
+        } else {
+            self.groups
+                .insert(group.clone(), HashMap::from([(slot, 1)]));
+        }
+        self.index(slot);
+    }
+
+    fn index(&mut self, slot: Slot) {
+        let e = &self.entries[slot as usize];
+        if e.host.state != HostState::Ready {
+            return;
+        }
+        let key = (e.host.region.clone(), e.host.driver.clone());
+        let b = match self.bucket_of.get(&key) {
+            Some(&b) => b,
+            None => {
+                let b = self.buckets.len() as u32;
+                self.buckets.push(Bucket {
+                    by_free: BTreeSet::new(),
+                });
+                self.region_buckets
+                    .entry(key.0.clone())
+                    .or_default()
+                    .push(b);
+                self.bucket_of.insert(key, b);
+                b
+            }
+        };
+        let free = e.free_memory();
+        self.buckets[b as usize]
+            .by_free
+            .insert((Reverse(free), slot));
+        self.entries[slot as usize].bucket = Some(b);
+    }
+
+    fn unindex(&mut self, slot: Slot) {
+        let e = &mut self.entries[slot as usize];
+        if let Some(b) = e.bucket.take() {
+            let free = e.free_memory();
+            self.buckets[b as usize]
+                .by_free
+                .remove(&(Reverse(free), slot));
+        }
+    }
+}
+
+fn cpu_limit(host: &Host, policy: &Policy) -> u64 {
+    (f64::from(host.cpu.0) * policy.cpu_oversubscription).floor() as u64
+}

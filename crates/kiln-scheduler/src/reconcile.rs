@@ -1,0 +1,1 @@
+//! One reconcile pass over every app: desired against actual, into a plan.
