@@ -298,21 +298,35 @@ fn push_stops(actions: &mut Vec<Action>, old: Vec<InstanceId>, new: Vec<Instance
     }
 }
 
-fn fail(input: &Input<'_>, old: &Side<'_>, new: &Side<'_>, failure: Failure) -> Plan {
+/// The actions that roll a deploy back, whatever its state: routes back to the old release,
+/// every new instance stopped, old instances started again up to `old_desired`. For a deploy
+/// made of several rollouts (process groups, regions) that must fail together when one fails.
+pub fn rollback(input: &Input<'_>) -> Vec<Action> {
+    rollback_actions(input, &Side::new(input.old), &Side::new(input.new))
+}
+
+fn rollback_actions(input: &Input<'_>, old: &Side<'_>, new: &Side<'_>) -> Vec<Action> {
     let mut actions = Vec::new();
-    if input.auto_rollback {
-        if input.routes == Routes::New {
-            actions.push(Action::RouteTo(Routes::Old));
-        }
-        let stop = new.all_stoppable();
-        if !stop.is_empty() {
-            actions.push(Action::StopNew(stop));
-        }
-        let restore = input.old_desired.saturating_sub(old.live);
-        if restore > 0 {
-            actions.push(Action::StartOld(restore));
-        }
+    if input.routes == Routes::New {
+        actions.push(Action::RouteTo(Routes::Old));
     }
+    let stop = new.all_stoppable();
+    if !stop.is_empty() {
+        actions.push(Action::StopNew(stop));
+    }
+    let restore = input.old_desired.saturating_sub(old.live);
+    if restore > 0 {
+        actions.push(Action::StartOld(restore));
+    }
+    actions
+}
+
+fn fail(input: &Input<'_>, old: &Side<'_>, new: &Side<'_>, failure: Failure) -> Plan {
+    let actions = if input.auto_rollback {
+        rollback_actions(input, old, new)
+    } else {
+        Vec::new()
+    };
     Plan {
         actions,
         outcome: Outcome::Failed {
