@@ -7,13 +7,16 @@
 //! - every host visited is checked against every constraint, so the index only decides the
 //!   order of the walk, never whether a host fits;
 //! - the score is (instances of the request's group on the host, fewest first; free memory after
-//!   placement, most first; slot): the first visited host that fits with no instance of the group
-//!   is the best there is, and the walk ends there. Otherwise the walk goes on to the end of the
-//!   fitting hosts and keeps the best.
+//!   placement, most first; slot). Per group and bucket the inventory counts how many ready hosts
+//!   hold exactly k instances of the group, which gives the lowest count any candidate can have
+//!   (0 while some host of the bucket holds none) without visiting hosts. The first visited host
+//!   that fits with that lowest count is the best there is, and the walk ends there. Otherwise
+//!   the walk goes on to the end of the hosts with enough memory and keeps the best.
 //!
 //! So the index gives exactly the host a scan of every host would give ([`Inventory::explain`]
-//! is that scan; a property test checks both agree). The cost is the number of hosts visited,
-//! which is small unless the group already covers most hosts with free memory.
+//! is that scan; a property test checks both agree, with hosts changing state and instances
+//! coming and going). The cost is the number of hosts visited: small, unless the hosts with the
+//! lowest count of the group and the most free memory fail the CPU or volume-space check.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
@@ -51,12 +54,27 @@ pub(crate) struct Entry {
     pub(crate) cpu_limit: u64,
     /// The bucket this host is indexed in, when ready.
     bucket: Option<u32>,
+    /// Groups with at least one instance here.
+    groups: Vec<GroupIdx>,
 }
 
 impl Entry {
     fn free_memory(&self) -> u64 {
         self.host.memory.0.saturating_sub(self.used_memory)
     }
+}
+
+/// A group, interned.
+type GroupIdx = u32;
+
+/// Where one group's instances are.
+#[derive(Default)]
+pub(crate) struct GroupData {
+    /// Instances per host.
+    pub(crate) counts: HashMap<Slot, u32>,
+    /// Per bucket: `levels[k - 1]` = ready hosts of the bucket holding exactly k instances of
+    /// the group. The lowest count in a bucket follows without visiting its hosts.
+    levels: HashMap<u32, Vec<u32>>,
 }
 
 struct Bucket {
@@ -74,8 +92,8 @@ pub struct Inventory {
     bucket_of: HashMap<(Region, Driver), u32>,
     /// Buckets of each region, in the order they were created.
     region_buckets: HashMap<Region, Vec<u32>>,
-    /// Instances of each group per host.
-    groups: HashMap<Group, HashMap<Slot, u32>>,
+    group_idx: HashMap<Group, GroupIdx>,
+    groups: Vec<GroupData>,
 }
 
 /// Placing `count` instances of one request, one after another.
@@ -98,7 +116,8 @@ impl Inventory {
             buckets: Vec::new(),
             bucket_of: HashMap::new(),
             region_buckets: HashMap::new(),
-            groups: HashMap::new(),
+            group_idx: HashMap::new(),
+            groups: Vec::new(),
         };
         for h in hosts {
             inv.add_host(h);
@@ -110,12 +129,12 @@ impl Inventory {
     /// description, keeping what it holds.
     pub fn add_host(&mut self, host: Host) {
         if let Some(&slot) = self.slots.get(&host.id) {
-            self.unindex(slot);
+            self.leave(slot);
             let cpu_limit = cpu_limit(&host, &self.policy);
             let e = &mut self.entries[slot as usize];
             e.host = host;
             e.cpu_limit = cpu_limit;
-            self.index(slot);
+            self.join(slot);
             return;
         }
         let slot = self.entries.len() as Slot;
@@ -128,8 +147,9 @@ impl Inventory {
             used_disk: 0,
             instances: 0,
             bucket: None,
+            groups: Vec::new(),
         });
-        self.index(slot);
+        self.join(slot);
     }
 
     /// Changes a host's state; returns false for an unknown host.
@@ -137,9 +157,9 @@ impl Inventory {
         let Some(&slot) = self.slots.get(host) else {
             return false;
         };
-        self.unindex(slot);
+        self.leave(slot);
         self.entries[slot as usize].host.state = state;
-        self.index(slot);
+        self.join(slot);
         true
     }
 
@@ -166,23 +186,23 @@ impl Inventory {
         let Some(&slot) = self.slots.get(host) else {
             return false;
         };
-        self.unindex(slot);
-        let e = &mut self.entries[slot as usize];
-        e.used_memory = e
-            .used_memory
-            .saturating_sub(usage.memory.0 + INSTANCE_OVERHEAD.0);
-        e.used_cpu = e.used_cpu.saturating_sub(u64::from(usage.cpu.0));
-        e.used_disk = e.used_disk.saturating_sub(usage.disk.0);
-        e.instances = e.instances.saturating_sub(1);
-        if let Some(counts) = self.groups.get_mut(&usage.group) {
-            if let Some(n) = counts.get_mut(&slot) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.remove(&slot);
-                }
+        let memory = usage.memory.0 + INSTANCE_OVERHEAD.0;
+        self.reposition(slot, |e| {
+            e.used_memory = e.used_memory.saturating_sub(memory);
+            e.used_cpu = e.used_cpu.saturating_sub(u64::from(usage.cpu.0));
+            e.used_disk = e.used_disk.saturating_sub(usage.disk.0);
+            e.instances = e.instances.saturating_sub(1);
+        });
+        if let Some(&g) = self.group_idx.get(&usage.group) {
+            let before = self.groups[g as usize]
+                .counts
+                .get(&slot)
+                .copied()
+                .unwrap_or(0);
+            if before > 0 {
+                self.set_count(slot, g, before, before - 1);
             }
         }
-        self.index(slot);
         true
     }
 
@@ -270,7 +290,10 @@ impl Inventory {
     pub fn group_count(&self, host: &HostId, group: &Group) -> u32 {
         self.slots
             .get(host)
-            .and_then(|s| self.groups.get(group).and_then(|c| c.get(s)).copied())
+            .and_then(|s| {
+                let g = self.group_idx.get(group)?;
+                self.groups[*g as usize].counts.get(s).copied()
+            })
             .unwrap_or(0)
     }
 
@@ -279,7 +302,9 @@ impl Inventory {
     }
 
     pub(crate) fn group_counts(&self, group: &Group) -> Option<&HashMap<Slot, u32>> {
-        self.groups.get(group)
+        self.group_idx
+            .get(group)
+            .map(|g| &self.groups[*g as usize].counts)
     }
 
     pub(crate) fn slot_of(&self, host: &HostId) -> Option<Slot> {
@@ -351,18 +376,16 @@ impl Inventory {
     /// The best host for `req` through the index, or None.
     fn best(&self, req: &Request) -> Option<Slot> {
         let need = req.memory_with_overhead();
-        let counts = self.groups.get(&req.group);
+        let gidx = self.group_idx.get(&req.group).copied();
+        let counts = gidx.map(|g| &self.groups[g as usize].counts);
         if let Volumes::Existing { .. } = req.volumes {
             let slot = self.pinned(req)?;
             return self.check(slot, req, Some(slot)).is_none().then_some(slot);
         }
         // Candidate buckets: the request's region, its drivers (or all of them).
-        let mut walks: Vec<std::iter::Peekable<_>> = Vec::new();
-        let mut add = |b: u32| walks.push(self.buckets[b as usize].by_free.iter().peekable());
+        let mut candidates: Vec<u32> = Vec::new();
         if req.drivers.is_empty() {
-            for &b in self.region_buckets.get(&req.region).into_iter().flatten() {
-                add(b);
-            }
+            candidates.extend(self.region_buckets.get(&req.region).into_iter().flatten());
         } else {
             for (i, d) in req.drivers.iter().enumerate() {
                 // A driver listed twice must not walk its bucket twice.
@@ -370,10 +393,24 @@ impl Inventory {
                     continue;
                 }
                 if let Some(&b) = self.bucket_of.get(&(req.region.clone(), d.clone())) {
-                    add(b);
+                    candidates.push(b);
                 }
             }
         }
+        let mut walks: Vec<_> = candidates
+            .iter()
+            .map(|&b| self.buckets[b as usize].by_free.iter().peekable())
+            .collect();
+        // No candidate can hold fewer instances of the group than the lowest count in its
+        // bucket: a fitting host with that count ends the walk.
+        let floor = match gidx {
+            None => 0,
+            Some(g) => candidates
+                .iter()
+                .map(|&b| self.lowest_count(g, b))
+                .min()
+                .unwrap_or(0),
+        };
         let mut best: Option<(u32, Slot)> = None;
         loop {
             // Merge the buckets: next host by (most free memory, lowest slot).
@@ -398,7 +435,7 @@ impl Inventory {
                 continue;
             }
             let same = counts.and_then(|c| c.get(&slot)).copied().unwrap_or(0);
-            if same == 0 {
+            if same <= floor {
                 return Some(slot);
             }
             if best.is_none_or(|(b, _)| same < b) {
@@ -421,24 +458,80 @@ impl Inventory {
     }
 
     fn commit(&mut self, slot: Slot, group: &Group, memory: u64, cpu: u64, disk: u64) {
-        self.unindex(slot);
-        let e = &mut self.entries[slot as usize];
-        e.used_memory += memory;
-        e.used_cpu += cpu;
-        e.used_disk += disk;
-        e.instances += 1;
-        if let Some(counts) = self.groups.get_mut(group) {
-            *counts.entry(slot).or_default() += 1;
-        } else {
-            self.groups
-                .insert(group.clone(), HashMap::from([(slot, 1)]));
-        }
-        self.index(slot);
+        self.reposition(slot, |e| {
+            e.used_memory += memory;
+            e.used_cpu += cpu;
+            e.used_disk += disk;
+            e.instances += 1;
+        });
+        let g = match self.group_idx.get(group) {
+            Some(&g) => g,
+            None => {
+                let g = self.groups.len() as GroupIdx;
+                self.groups.push(GroupData::default());
+                self.group_idx.insert(group.clone(), g);
+                g
+            }
+        };
+        let before = self.groups[g as usize]
+            .counts
+            .get(&slot)
+            .copied()
+            .unwrap_or(0);
+        self.set_count(slot, g, before, before + 1);
     }
 
-    fn index(&mut self, slot: Slot) {
+    /// Sets the instances of group `g` on `slot` from `before` to `after`, keeping the host's
+    /// group list and the bucket's levels in step.
+    fn set_count(&mut self, slot: Slot, g: GroupIdx, before: u32, after: u32) {
+        let data = &mut self.groups[g as usize];
+        let e = &mut self.entries[slot as usize];
+        if after == 0 {
+            data.counts.remove(&slot);
+            e.groups.retain(|x| *x != g);
+        } else {
+            data.counts.insert(slot, after);
+            if before == 0 {
+                e.groups.push(g);
+            }
+        }
+        if let Some(b) = e.bucket {
+            move_level(data.levels.entry(b).or_default(), before, after);
+        }
+    }
+
+    /// The lowest number of instances of group `g` on a host of bucket `b`.
+    fn lowest_count(&self, g: GroupIdx, b: u32) -> u32 {
+        let size = self.buckets[b as usize].by_free.len() as u32;
+        let Some(levels) = self.groups[g as usize].levels.get(&b) else {
+            return 0;
+        };
+        if levels.iter().sum::<u32>() < size {
+            return 0;
+        }
+        levels
+            .iter()
+            .position(|n| *n > 0)
+            .map_or(0, |k| k as u32 + 1)
+    }
+
+    /// Changes a host's usage, keeping its place in its bucket's order.
+    fn reposition(&mut self, slot: Slot, change: impl FnOnce(&mut Entry)) {
+        let e = &mut self.entries[slot as usize];
+        let Some(b) = e.bucket else {
+            change(e);
+            return;
+        };
+        let set = &mut self.buckets[b as usize].by_free;
+        set.remove(&(Reverse(e.free_memory()), slot));
+        change(e);
+        set.insert((Reverse(e.free_memory()), slot));
+    }
+
+    /// Indexes a ready host in its (region, driver) bucket.
+    fn join(&mut self, slot: Slot) {
         let e = &self.entries[slot as usize];
-        if e.host.state != HostState::Ready {
+        if e.host.state != HostState::Ready || e.bucket.is_some() {
             return;
         }
         let key = (e.host.region.clone(), e.host.driver.clone());
@@ -457,21 +550,45 @@ impl Inventory {
                 b
             }
         };
-        let free = e.free_memory();
+        let e = &mut self.entries[slot as usize];
+        e.bucket = Some(b);
         self.buckets[b as usize]
             .by_free
-            .insert((Reverse(free), slot));
-        self.entries[slot as usize].bucket = Some(b);
+            .insert((Reverse(e.free_memory()), slot));
+        for &g in &e.groups {
+            let data = &mut self.groups[g as usize];
+            let n = data.counts[&slot];
+            move_level(data.levels.entry(b).or_default(), 0, n);
+        }
     }
 
-    fn unindex(&mut self, slot: Slot) {
+    /// Takes a host out of the index (it stops being ready, or changes bucket).
+    fn leave(&mut self, slot: Slot) {
         let e = &mut self.entries[slot as usize];
-        if let Some(b) = e.bucket.take() {
-            let free = e.free_memory();
-            self.buckets[b as usize]
-                .by_free
-                .remove(&(Reverse(free), slot));
+        let Some(b) = e.bucket.take() else {
+            return;
+        };
+        self.buckets[b as usize]
+            .by_free
+            .remove(&(Reverse(e.free_memory()), slot));
+        for &g in &e.groups {
+            let data = &mut self.groups[g as usize];
+            let n = data.counts[&slot];
+            move_level(data.levels.entry(b).or_default(), n, 0);
         }
+    }
+}
+
+/// Moves one host from level `before` to level `after` (level 0 is not stored).
+fn move_level(levels: &mut Vec<u32>, before: u32, after: u32) {
+    if before > 0 {
+        levels[before as usize - 1] -= 1;
+    }
+    if after > 0 {
+        if levels.len() < after as usize {
+            levels.resize(after as usize, 0);
+        }
+        levels[after as usize - 1] += 1;
     }
 }
 
