@@ -90,8 +90,8 @@ pub struct Inventory {
     slots: HashMap<HostId, Slot>,
     buckets: Vec<Bucket>,
     bucket_of: HashMap<(Region, Driver), u32>,
-    /// Buckets of each region, in the order they were created.
-    region_buckets: HashMap<Region, Vec<u32>>,
+    /// Buckets of each region with their driver, in the order they were created.
+    region_buckets: HashMap<Region, Vec<(Driver, u32)>>,
     group_idx: HashMap<Group, GroupIdx>,
     groups: Vec<GroupData>,
 }
@@ -383,20 +383,14 @@ impl Inventory {
             return self.check(slot, req, Some(slot)).is_none().then_some(slot);
         }
         // Candidate buckets: the request's region, its drivers (or all of them).
-        let mut candidates: Vec<u32> = Vec::new();
-        if req.drivers.is_empty() {
-            candidates.extend(self.region_buckets.get(&req.region).into_iter().flatten());
-        } else {
-            for (i, d) in req.drivers.iter().enumerate() {
-                // A driver listed twice must not walk its bucket twice.
-                if req.drivers[..i].contains(d) {
-                    continue;
-                }
-                if let Some(&b) = self.bucket_of.get(&(req.region.clone(), d.clone())) {
-                    candidates.push(b);
-                }
-            }
-        }
+        let candidates: Vec<u32> = self
+            .region_buckets
+            .get(&req.region)
+            .into_iter()
+            .flatten()
+            .filter(|(d, _)| req.drivers.is_empty() || req.drivers.contains(d))
+            .map(|(_, b)| *b)
+            .collect();
         let mut walks: Vec<_> = candidates
             .iter()
             .map(|&b| self.buckets[b as usize].by_free.iter().peekable())
@@ -545,7 +539,7 @@ impl Inventory {
                 self.region_buckets
                     .entry(key.0.clone())
                     .or_default()
-                    .push(b);
+                    .push((key.1.clone(), b));
                 self.bucket_of.insert(key, b);
                 b
             }
