@@ -11,15 +11,23 @@
 //!   hold exactly k instances of the group, which gives the lowest count any candidate can have
 //!   (0 while some host of the bucket holds none) without visiting hosts. The first visited host
 //!   that fits with that lowest count is the best there is, and the walk ends there. Otherwise
-//!   the walk goes on to the end of the hosts with enough memory and keeps the best.
+//!   the walk goes on to the end of the hosts with enough memory and keeps the best;
+//! - when a group covers every host of a bucket (lowest count ≥ 1, a group larger than its
+//!   bucket), the walk would pass every host that already got one more instance this round; so
+//!   per such group and bucket a *floor* keeps the hosts with the lowest count by free memory,
+//!   and the placement walks the floors first (the first host there that fits is the best).
+//!   Only if none fits does it walk the buckets.
 //!
 //! So the index gives exactly the host a scan of every host would give ([`Inventory::explain`]
 //! is that scan; a property test checks both agree, with hosts changing state and instances
 //! coming and going). The cost is the number of hosts visited: small, unless the hosts with the
 //! lowest count of the group and the most free memory fail the CPU or volume-space check.
+//! Keeping a floor costs a rebuild (a pass over the group's hosts) each time its level rises,
+//! about once per round of the group over its bucket.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use kiln_types::{HostId, MiB};
 
@@ -67,14 +75,53 @@ impl Entry {
 /// A group, interned.
 type GroupIdx = u32;
 
+/// Hashes the inventory's own integer keys (slots, groups, buckets) with one multiply (the
+/// Fx hash), where SipHash's defence against chosen keys buys nothing: no such key comes from
+/// outside.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IntHasher(u64);
+
+impl Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+/// A map keyed by slot, group or bucket.
+pub(crate) type IntMap<V> = HashMap<u32, V, BuildHasherDefault<IntHasher>>;
+
 /// Where one group's instances are.
 #[derive(Default)]
 pub(crate) struct GroupData {
     /// Instances per host.
-    pub(crate) counts: HashMap<Slot, u32>,
+    pub(crate) counts: IntMap<u32>,
     /// Per bucket: `levels[k - 1]` = ready hosts of the bucket holding exactly k instances of
     /// the group. The lowest count in a bucket follows without visiting its hosts.
-    levels: HashMap<u32, Vec<u32>>,
+    levels: IntMap<Vec<u32>>,
+    /// Per bucket where every ready host holds at least one instance of the group: the hosts
+    /// holding the lowest count, by free memory. Kept whole by every change to the group's
+    /// hosts; used only while its level is still the bucket's lowest count.
+    floors: IntMap<Floor>,
+}
+
+/// The hosts of one bucket that hold exactly `level` instances of a group.
+struct Floor {
+    level: u32,
+    hosts: BTreeSet<(Reverse<u64>, Slot)>,
 }
 
 struct Bucket {
@@ -301,7 +348,7 @@ impl Inventory {
         &self.entries
     }
 
-    pub(crate) fn group_counts(&self, group: &Group) -> Option<&HashMap<Slot, u32>> {
+    pub(crate) fn group_counts(&self, group: &Group) -> Option<&IntMap<u32>> {
         self.group_idx
             .get(group)
             .map(|g| &self.groups[*g as usize].counts)
@@ -365,7 +412,7 @@ impl Inventory {
     pub(crate) fn score(
         &self,
         slot: Slot,
-        counts: Option<&HashMap<Slot, u32>>,
+        counts: Option<&IntMap<u32>>,
         need: u64,
     ) -> (u32, Reverse<u64>, Slot) {
         let same = counts.and_then(|c| c.get(&slot)).copied().unwrap_or(0);
@@ -405,6 +452,11 @@ impl Inventory {
                 .min()
                 .unwrap_or(0),
         };
+        if floor > 0 {
+            if let Some(slot) = self.best_on_floor(req, gidx, &candidates, floor, need) {
+                return Some(slot);
+            }
+        }
         let mut best: Option<(u32, Slot)> = None;
         loop {
             // Merge the buckets: next host by (most free memory, lowest slot).
@@ -437,6 +489,52 @@ impl Inventory {
             }
         }
         best.map(|(_, s)| s)
+    }
+
+    /// When every candidate bucket is covered by the group (lowest count `floor` ≥ 1): the best
+    /// host among those holding `floor` instances, walked from their floors by free memory.
+    /// `None` when none of them fits or a floor is not usable: the caller then walks the buckets
+    /// (which finds hosts of higher counts too).
+    fn best_on_floor(
+        &self,
+        req: &Request,
+        gidx: Option<GroupIdx>,
+        candidates: &[u32],
+        floor: u32,
+        need: u64,
+    ) -> Option<Slot> {
+        let data = &self.groups[gidx? as usize];
+        let mut walks = Vec::with_capacity(candidates.len());
+        for &b in candidates {
+            if self.lowest_count(gidx?, b) != floor {
+                continue;
+            }
+            match data.floors.get(&b) {
+                Some(f) if f.level == floor => walks.push(f.hosts.iter().peekable()),
+                _ => return None,
+            }
+        }
+        loop {
+            let mut next: Option<(usize, (Reverse<u64>, Slot))> = None;
+            for (i, w) in walks.iter_mut().enumerate() {
+                if let Some(&&k) = w.peek() {
+                    if next.is_none_or(|(_, n)| k < n) {
+                        next = Some((i, k));
+                    }
+                }
+            }
+            let (i, (Reverse(free), slot)) = next?;
+            walks[i].next();
+            if free < need {
+                return None;
+            }
+            if self
+                .check_capacity(&self.entries[slot as usize], req)
+                .is_none()
+            {
+                return Some(slot);
+            }
+        }
     }
 
     /// Counts, per constraint, why no host fits `req` (a scan of every host; only on failure).
@@ -491,6 +589,45 @@ impl Inventory {
         }
         if let Some(b) = e.bucket {
             move_level(data.levels.entry(b).or_default(), before, after);
+            self.fix_floor(g, b, slot);
+        }
+    }
+
+    /// Brings group `g`'s floor in bucket `b` up to date after a change to `slot` (its count,
+    /// its membership of the bucket).
+    fn fix_floor(&mut self, g: GroupIdx, b: u32, slot: Slot) {
+        let lowest = self.lowest_count(g, b);
+        let data = &mut self.groups[g as usize];
+        if lowest == 0 {
+            data.floors.remove(&b);
+            return;
+        }
+        let e = &self.entries[slot as usize];
+        match data.floors.get_mut(&b) {
+            Some(floor) if floor.level == lowest => {
+                let key = (Reverse(e.free_memory()), slot);
+                let count = data.counts.get(&slot).copied().unwrap_or(0);
+                if e.bucket == Some(b) && count == lowest {
+                    floor.hosts.insert(key);
+                } else {
+                    floor.hosts.remove(&key);
+                }
+            }
+            _ => {
+                let hosts = data
+                    .counts
+                    .iter()
+                    .filter(|&(&s, &n)| n == lowest && self.entries[s as usize].bucket == Some(b))
+                    .map(|(&s, _)| (Reverse(self.entries[s as usize].free_memory()), s))
+                    .collect();
+                data.floors.insert(
+                    b,
+                    Floor {
+                        level: lowest,
+                        hosts,
+                    },
+                );
+            }
         }
     }
 
@@ -517,9 +654,20 @@ impl Inventory {
             return;
         };
         let set = &mut self.buckets[b as usize].by_free;
-        set.remove(&(Reverse(e.free_memory()), slot));
+        let old = (Reverse(e.free_memory()), slot);
+        set.remove(&old);
         change(e);
-        set.insert((Reverse(e.free_memory()), slot));
+        let new = (Reverse(e.free_memory()), slot);
+        set.insert(new);
+        // The floors holding this host follow its free memory too.
+        for &g in &e.groups {
+            let data = &mut self.groups[g as usize];
+            if let Some(floor) = data.floors.get_mut(&b) {
+                if floor.hosts.remove(&old) {
+                    floor.hosts.insert(new);
+                }
+            }
+        }
     }
 
     /// Indexes a ready host in its (region, driver) bucket.
@@ -554,6 +702,9 @@ impl Inventory {
             let n = data.counts[&slot];
             move_level(data.levels.entry(b).or_default(), 0, n);
         }
+        for g in self.entries[slot as usize].groups.clone() {
+            self.fix_floor(g, b, slot);
+        }
     }
 
     /// Takes a host out of the index (it stops being ready, or changes bucket).
@@ -569,6 +720,9 @@ impl Inventory {
             let data = &mut self.groups[g as usize];
             let n = data.counts[&slot];
             move_level(data.levels.entry(b).or_default(), n, 0);
+        }
+        for g in self.entries[slot as usize].groups.clone() {
+            self.fix_floor(g, b, slot);
         }
     }
 }
