@@ -136,13 +136,8 @@ pub struct PassPlan {
 
 /// A queued action: a placement of one instance of a piece, or a stop.
 enum Want<'a> {
-    Place {
-        piece: usize,
-    },
-    Stop {
-        app: &'a App,
-        instance: &'a InstanceId,
-    },
+    Place { piece: usize },
+    Stop { app: &'a App, instance: InstanceId },
 }
 
 /// What placements of one piece need.
@@ -177,7 +172,7 @@ pub fn plan_pass(
             Want::Stop { app, instance } => out.steps.push(Step::Stop {
                 org,
                 app: app.app.clone(),
-                instance: instance.clone(),
+                instance,
             }),
             Want::Place { piece } => {
                 if let Some(&u) = failed.get(&piece) {
@@ -243,7 +238,7 @@ fn plan_app<'a>(
                     &app.org,
                     Want::Stop {
                         app,
-                        instance: &i.id,
+                        instance: i.id.clone(),
                     },
                 );
             }
@@ -258,12 +253,14 @@ fn plan_app<'a>(
                 stop_requested: i.stop_requested,
             });
     }
-    let ids: HashMap<&InstanceId, &'a InstanceId> =
-        app.instances.iter().map(|i| (&i.id, &i.id)).collect();
     let stop = |queue: &mut FairQueue<Want<'a>>, id: &InstanceId| {
-        if let Some(instance) = ids.get(id) {
-            queue.push(&app.org, Want::Stop { app, instance });
-        }
+        queue.push(
+            &app.org,
+            Want::Stop {
+                app,
+                instance: id.clone(),
+            },
+        );
     };
     let place = |queue: &mut FairQueue<Want<'a>>,
                  pieces: &mut Vec<Piece<'a>>,

@@ -321,6 +321,7 @@ pub async fn run() -> Result<()> {
     }
     let instances: usize = apps.iter().map(|a| a.instances.len()).sum();
     let mut passes = Vec::new();
+    let mut builds = Vec::new();
     let mut last = None;
     for _ in 0..5 {
         let start = Instant::now();
@@ -347,6 +348,7 @@ pub async fn run() -> Result<()> {
                 );
             }
         }
+        builds.push(start.elapsed().as_secs_f64() * 1000.0);
         let plan = reconcile::plan_pass(&apps, &mut inv, Limits::default(), None);
         passes.push(start.elapsed().as_secs_f64() * 1000.0);
         last = Some(plan);
@@ -354,9 +356,11 @@ pub async fn run() -> Result<()> {
     let plan = last.expect("five passes ran");
     let pass_ms = median(passes.clone());
     let rounded: Vec<String> = passes.iter().map(|p| format!("{p:.1}")).collect();
+    let build_ms = median(builds);
     println!(
         "  reconcile pass over {} apps ({deploying} deploying), {instances} instances: [{}] ms; \
-         admitted {} steps, deferred {}, {} unplaced pieces, {} deploys ended",
+         of which the inventory build {build_ms:.1} ms (median); admitted {} steps, deferred {}, \
+         {} unplaced pieces, {} deploys ended",
         apps.len(),
         rounded.join(", "),
         plan.steps.len(),
