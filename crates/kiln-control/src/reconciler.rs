@@ -16,9 +16,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kiln_manifest::{Manifest, Process, RestartPolicy};
-use kiln_scheduler::{HostCapacity, Policy, Request};
+use kiln_scheduler::{
+    Driver, Group, Host, HostState, Inventory, Policy, Region, Request, Usage, Volumes,
+};
 use kiln_store::{Append, InstanceRow, Metadata, NewEvent, ReleaseRow};
-use kiln_types::event::{Event, HostState, ReleaseState};
+use kiln_types::event::{Event, ReleaseState};
 use kiln_types::workload::{BootSpec, MetricsSpec, NetworkSpec, SecretsSpec, VmSpec};
 use kiln_types::{
     now_millis, AppId, HostId, InstanceId, InstanceState, MiB, MilliCpu, StopSpec, WorkloadSpec,
@@ -27,6 +29,9 @@ use kiln_types::{
 
 use crate::error::ControlError;
 use crate::Control;
+
+/// The region every host is in until hosts report one.
+const HOST_REGION: &str = "local";
 
 pub struct Reconciler {
     control: Arc<Control>,
@@ -89,18 +94,23 @@ impl Reconciler {
                 (h.id.clone(), if down { HostState::Down } else { h.state })
             })
             .collect();
-        let mut capacity: Vec<HostCapacity> = hosts
-            .iter()
-            .map(|h| HostCapacity {
-                id: h.id.clone(),
-                ready: host_state.get(&h.id) == Some(&HostState::Ready),
-                driver: h.driver.clone(),
-                memory: h.memory,
-                cpu: h.cpu,
-                used_memory: MiB(0),
-                used_cpu: MilliCpu(0),
-            })
-            .collect();
+        // Hosts carry no region or volume space yet: one region for all, no volumes placed.
+        // Only `ready` hosts take new instances.
+        let mut capacity = Inventory::new(
+            hosts
+                .iter()
+                .map(|h| Host {
+                    id: h.id.clone(),
+                    region: Region::new(HOST_REGION),
+                    driver: Driver::new(h.driver.clone()),
+                    state: host_state.get(&h.id).copied().unwrap_or_default(),
+                    memory: h.memory,
+                    cpu: h.cpu,
+                    disk: MiB(0),
+                })
+                .collect(),
+            Policy::default(),
+        );
         let mut next_ordinal: BTreeMap<HostId, u64> = BTreeMap::new();
         for i in &instances {
             if let Some(n) = hosts
@@ -112,10 +122,18 @@ impl Reconciler {
                 *e = (*e).max(n + 1);
             }
             if !i.state.is_terminal() {
-                if let Some(h) = capacity.iter_mut().find(|h| h.id == i.host_id) {
-                    h.used_memory.0 += i.spec.vm.memory.0 + kiln_scheduler::INSTANCE_OVERHEAD.0;
-                    h.used_cpu.0 += i.spec.vm.cpu.0;
-                }
+                capacity.add_instance(
+                    &i.host_id,
+                    &Usage {
+                        group: Group {
+                            app: i.app_id.clone(),
+                            process: i.spec.process.clone(),
+                        },
+                        memory: i.spec.vm.memory,
+                        cpu: i.spec.vm.cpu,
+                        disk: MiB(0),
+                    },
+                );
             }
         }
         let mut by_release: BTreeMap<&kiln_types::ReleaseId, Vec<&InstanceRow>> = BTreeMap::new();
@@ -241,7 +259,7 @@ impl Reconciler {
 
 struct Plan<'a> {
     events: Vec<Event>,
-    capacity: Vec<HostCapacity>,
+    capacity: Inventory,
     next_ordinal: BTreeMap<HostId, u64>,
     hosts: &'a [kiln_store::HostRow],
     /// Public ports owned on the shared addresses, by app.
@@ -469,14 +487,18 @@ impl Plan<'_> {
         group: &Process,
     ) -> Result<(), String> {
         let req = Request {
+            group: Group {
+                app: rel.app_id.clone(),
+                process: group.name.clone(),
+            },
+            region: Region::new(HOST_REGION),
+            drivers: vec![],
             memory: manifest.vm.memory,
             cpu: MilliCpu::from_cpus(manifest.vm.cpus),
-            drivers: vec![],
+            volumes: Volumes::None,
         };
-        let host = kiln_scheduler::place(&self.capacity, &req, &Policy::default())
-            .map_err(|e| e.to_string())?
-            .id
-            .clone();
+        // Records the instance on its host, so the next placement of this pass sees it.
+        let host = self.capacity.place(&req).map_err(|e| e.to_string())?;
         let index = self
             .hosts
             .iter()
@@ -486,10 +508,6 @@ impl Plan<'_> {
         let ordinal = self.next_ordinal.entry(host.clone()).or_default();
         let ipv6 = kiln_types::net::instance_address(index, *ordinal);
         *ordinal += 1;
-        if let Some(h) = self.capacity.iter_mut().find(|h| h.id == host) {
-            h.used_memory.0 += req.memory.0 + kiln_scheduler::INSTANCE_OVERHEAD.0;
-            h.used_cpu.0 += req.cpu.0;
-        }
         // The release's pinned secrets version; 0 means no secrets file (and nothing to export).
         let secrets = SecretsSpec {
             version: rel.secrets_version,

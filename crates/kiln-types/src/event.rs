@@ -97,10 +97,13 @@ impl Driver {
 }
 
 /// Whether a host takes work (the scheduler places only on `ready` hosts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
     /// Heartbeating and accepting new instances.
+    #[default]
     Ready,
     /// An operator asked for the host to be emptied: no new instances; its stateless instances
     /// are replaced elsewhere, each new one healthy before the old one stops.

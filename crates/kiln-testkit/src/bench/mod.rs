@@ -3,4 +3,5 @@
 
 pub mod deploy;
 pub mod edge;
+pub mod scheduler;
 pub mod store;

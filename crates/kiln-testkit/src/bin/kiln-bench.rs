@@ -8,7 +8,8 @@ async fn main() -> Result<()> {
     match name.as_str() {
         "deploy" => kiln_testkit::bench::deploy::run().await,
         "edge" => kiln_testkit::bench::edge::run().await,
+        "scheduler" => kiln_testkit::bench::scheduler::run().await,
         "store" => kiln_testkit::bench::store::run().await,
-        other => bail!("unknown benchmark {other:?}; available: deploy, edge, store"),
+        other => bail!("unknown benchmark {other:?}; available: deploy, edge, scheduler, store"),
     }
 }
