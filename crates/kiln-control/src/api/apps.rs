@@ -1,0 +1,300 @@
+//! Apps and releases.
+
+use super::*;
+
+pub(super) async fn list_apps(State(c): Ctl, p: Principal) -> ApiResult<Json<Vec<App>>> {
+    p.require(Scope::Read)?;
+    let rows = c.store.apps(Some(p.org_id.clone())).await?;
+    Ok(Json(rows.into_iter().map(|r| app_view(&c, r)).collect()))
+}
+
+pub(super) async fn create_app(
+    State(c): Ctl,
+    p: Principal,
+    headers: HeaderMap,
+    Json(body): Json<CreateApp>,
+) -> ApiResult<(StatusCode, Json<App>)> {
+    p.require(Scope::Deploy)?;
+    if c.store.app_by_name(body.name.to_string()).await?.is_some() {
+        return Err(ApiFailure::new(
+            StatusCode::CONFLICT,
+            "app_exists",
+            format!(
+                "an app named {:?} already exists; app names are unique across the platform",
+                body.name.as_str()
+            ),
+        ));
+    }
+    let app_id = AppId::generate();
+    let event = Event::AppCreated {
+        app_id: app_id.clone(),
+        org_id: p.org_id.clone(),
+        name: body.name.clone(),
+    };
+    let res = c
+        .store
+        .append(Append {
+            events: vec![NewEvent {
+                event,
+                expected: ExpectedVersion::NoStream,
+            }],
+            metadata: metadata(&p, &headers),
+            idempotency: None,
+        })
+        .await;
+    match res {
+        Ok(_) => {}
+        // Two creates raced past the check above; the view's unique name decides.
+        Err(kiln_store::StoreError::ApplyView { .. }) => {
+            return Err(ApiFailure::new(
+                StatusCode::CONFLICT,
+                "app_exists",
+                format!("an app named {:?} already exists", body.name.as_str()),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let row = c
+        .store
+        .app_by_name(body.name.to_string())
+        .await?
+        .ok_or_else(|| ApiFailure::not_found("app", body.name.as_str()))?;
+    tracing::info!(app_id = %app_id, app = %body.name, "app created");
+    Ok((StatusCode::CREATED, Json(app_view(&c, row))))
+}
+
+pub(super) async fn app_status(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+) -> ApiResult<Json<AppStatus>> {
+    p.require(Scope::Read)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let releases: Vec<Release> = c
+        .store
+        .releases(row.id.clone())
+        .await?
+        .into_iter()
+        .map(release_view)
+        .collect();
+    let current = releases
+        .iter()
+        .rev()
+        .find(|r| r.state == ReleaseState::Healthy)
+        .cloned();
+    let instances = c
+        .store
+        .instances_of_app(row.id.clone())
+        .await?
+        .into_iter()
+        .filter(|i| i.state != kiln_types::InstanceState::Stopped)
+        .map(instance_view)
+        .collect();
+    Ok(Json(AppStatus {
+        app: app_view(&c, row),
+        current,
+        releases,
+        instances,
+    }))
+}
+
+pub(super) async fn list_releases(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+) -> ApiResult<Json<Vec<Release>>> {
+    p.require(Scope::Read)?;
+    let row = owned_app(&c, &p, &app).await?;
+    Ok(Json(
+        c.store
+            .releases(row.id)
+            .await?
+            .into_iter()
+            .map(release_view)
+            .collect(),
+    ))
+}
+
+pub(super) async fn get_release(
+    State(c): Ctl,
+    p: Principal,
+    Path((app, version)): Path<(String, u64)>,
+) -> ApiResult<Json<Release>> {
+    p.require(Scope::Read)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let rel = c
+        .store
+        .release(row.id, version)
+        .await?
+        .ok_or_else(|| ApiFailure::not_found("release", &format!("v{version}")))?;
+    Ok(Json(release_view(rel)))
+}
+
+pub(super) async fn create_release(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<CreateRelease>,
+) -> ApiResult<(StatusCode, Json<Release>)> {
+    p.require(Scope::Deploy)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let file = body
+        .manifest_file
+        .clone()
+        .unwrap_or_else(|| "kiln.toml".into());
+    let manifest = kiln_manifest::parse(&file, &body.manifest).map_err(|e| ApiFailure {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        code: "invalid_manifest",
+        detail: e.report().trim_end().to_owned(),
+        errors: serde_json::to_value(&e.problems).ok(),
+    })?;
+    let image_input = body
+        .image
+        .clone()
+        .or_else(|| manifest.image.clone())
+        .ok_or_else(|| {
+            ApiFailure::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "missing_image",
+                "no image given: set `image` in kiln.toml or pass --image",
+            )
+        })?;
+    let reference = kiln_oci::Reference::parse(&image_input).map_err(|e| {
+        ApiFailure::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_image_reference",
+            e.to_string(),
+        )
+    })?;
+
+    let idem_key = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let request_hash = hex::encode(Sha256::digest(
+        serde_json::to_vec(&(&body.image, &body.manifest)).unwrap_or_default(),
+    ));
+    let idempotency = idem_key.map(|key| Idempotency {
+        scope: format!("release:{}", row.id),
+        key,
+        request_hash,
+    });
+
+    // A retry with the same key is answered by the store from the log (the events recorded the
+    // first time), whatever the tag resolves to now.
+    let image = c.registry.resolve(&reference).await.map_err(|e| {
+        let detail = crate::error::error_chain(&e);
+        match e {
+            ref e2 if e2.is_not_found() => {
+                ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, "image_not_found", detail)
+            }
+            _ => ApiFailure::new(StatusCode::BAD_GATEWAY, "registry_error", detail),
+        }
+    })?;
+    let manifest_json = serde_json::to_value(&manifest).unwrap_or_default();
+    let port_events = allocate_ports(&c, &row.id, &manifest).await?;
+    let stream = kiln_types::event::StreamRef {
+        kind: kiln_types::event::StreamType::App,
+        id: row.id.to_string(),
+    };
+    // Optimistic concurrency on the app stream makes release versions gap-free and unique.
+    for _ in 0..5 {
+        let current = c.store.stream_version(stream.clone()).await?;
+        let app_now = owned_app(&c, &p, &app).await?;
+        let release_id = ReleaseId::generate();
+        let event = Event::ReleaseCreated {
+            app_id: row.id.clone(),
+            release_id: release_id.clone(),
+            version: app_now.release_count + 1,
+            image_input: image_input.clone(),
+            image: image.clone(),
+            manifest: manifest_json.clone(),
+            manifest_source: body.manifest.clone(),
+        };
+        // Port allocations go in the same append: a release never runs with ports it does not
+        // own, and the allocations view rejects the append if another app took a port meanwhile.
+        let mut events = vec![NewEvent {
+            event,
+            expected: ExpectedVersion::Exact(current),
+        }];
+        events.extend(port_events.iter().cloned().map(NewEvent::any));
+        let res = c
+            .store
+            .append(Append {
+                events,
+                metadata: metadata(&p, &headers),
+                idempotency: idempotency.clone(),
+            })
+            .await;
+        match res {
+            Ok(out) => {
+                let version = match &out.events[0].event {
+                    Event::ReleaseCreated { version, .. } => *version,
+                    _ => app_now.release_count + 1,
+                };
+                let rel = c
+                    .store
+                    .release(row.id.clone(), version)
+                    .await?
+                    .ok_or_else(|| ApiFailure::not_found("release", &format!("v{version}")))?;
+                tracing::info!(app = %app, version, image = %rel.image, "release created");
+                return Ok((StatusCode::CREATED, Json(release_view(rel))));
+            }
+            Err(kiln_store::StoreError::VersionConflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiFailure::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        "too many concurrent releases of this app; retry",
+    ))
+}
+
+/// The `port_allocated` events a release of `app` needs: the public ports of its `tcp` services
+/// that the app does not own yet. A port another app owns is a conflict.
+pub(super) async fn allocate_ports(
+    c: &Control,
+    app: &AppId,
+    manifest: &kiln_manifest::Manifest,
+) -> ApiResult<Vec<Event>> {
+    let wanted: std::collections::BTreeSet<u16> = manifest
+        .processes
+        .iter()
+        .flat_map(|p| &p.services)
+        .filter(|s| s.protocol == ServiceProtocol::Tcp)
+        .flat_map(|s| s.ports.iter().copied())
+        .collect();
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let owners: BTreeMap<u16, AppId> = c
+        .store
+        .allocations()
+        .await?
+        .into_iter()
+        .filter_map(|a| match a.allocation {
+            kiln_store::Allocation::SharedPort(port) => Some((port, a.app_id)),
+            kiln_store::Allocation::DedicatedIpv4(_) => None,
+        })
+        .collect();
+    let mut events = Vec::new();
+    for port in wanted {
+        match owners.get(&port) {
+            Some(owner) if owner == app => {}
+            Some(_) => {
+                return Err(ApiFailure::new(
+                    StatusCode::CONFLICT,
+                    "port_taken",
+                    format!("public port {port} of the shared addresses belongs to another app"),
+                ))
+            }
+            None => events.push(Event::PortAllocated {
+                app_id: app.clone(),
+                port,
+            }),
+        }
+    }
+    Ok(events)
+}
