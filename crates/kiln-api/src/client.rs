@@ -187,8 +187,48 @@ impl Client {
             .await
     }
 
+    /// Every app of the token's org, following the pages.
     pub async fn list_apps(&self) -> Result<Vec<App>, ApiError> {
-        self.get("/v1/apps").await
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page: AppPage = self.get(&page_path("/v1/apps", cursor.as_deref())).await?;
+            out.extend(page.items);
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// One page of an app's releases, oldest first.
+    pub async fn list_releases(
+        &self,
+        app: &str,
+        cursor: Option<&str>,
+    ) -> Result<ReleasePage, ApiError> {
+        self.get(&page_path(&format!("/v1/apps/{app}/releases"), cursor))
+            .await
+    }
+
+    /// One page of an app's instances.
+    pub async fn list_instances(
+        &self,
+        app: &str,
+        cursor: Option<&str>,
+    ) -> Result<InstancePage, ApiError> {
+        self.get(&page_path(&format!("/v1/apps/{app}/instances"), cursor))
+            .await
+    }
+
+    /// One page of the registered hosts (operator tokens).
+    pub async fn list_hosts(&self, cursor: Option<&str>) -> Result<HostPage, ApiError> {
+        self.get(&page_path("/v1/hosts", cursor)).await
+    }
+
+    /// One page of the org's events after `cursor` (from the start without one).
+    pub async fn events(&self, cursor: Option<&str>) -> Result<EventPage, ApiError> {
+        self.get(&page_path("/v1/events", cursor)).await
     }
 
     pub async fn create_release(
@@ -344,6 +384,14 @@ impl Client {
                 .timeout(wait + Duration::from_secs(10)),
         )
         .await
+    }
+}
+
+/// `path` with `?cursor=` when there is one (cursors are hex and dots: nothing to escape).
+fn page_path(path: &str, cursor: Option<&str>) -> String {
+    match cursor {
+        Some(c) => format!("{path}?cursor={c}"),
+        None => path.to_owned(),
     }
 }
 

@@ -20,6 +20,7 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// An error body (`application/problem+json`). `code` is stable and documented; `detail` is for
 /// people.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
     #[serde(rename = "type", default = "about_blank")]
@@ -31,6 +32,7 @@ pub struct Problem {
     pub detail: Option<String>,
     /// Extra structured data, e.g. manifest problems with line and column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub errors: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
@@ -40,21 +42,25 @@ fn about_blank() -> String {
     "about:blank".into()
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateApp {
     pub name: AppName,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct App {
     pub id: AppId,
     pub org_id: OrgId,
     pub name: AppName,
     pub hostname: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub created_at: UnixMillis,
     pub latest_version: u64,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateRelease {
     /// Image reference (tag or digest); overrides the manifest's `image`.
@@ -67,6 +73,7 @@ pub struct CreateRelease {
     pub manifest_file: Option<String>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Release {
     pub id: ReleaseId,
@@ -76,10 +83,13 @@ pub struct Release {
     pub image: ImageRef,
     pub state: ReleaseState,
     pub reason: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub created_at: UnixMillis,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub updated_at: UnixMillis,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
     pub id: InstanceId,
@@ -88,11 +98,14 @@ pub struct Instance {
     pub process: String,
     pub state: InstanceState,
     pub reason: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Ipv6))]
     pub ipv6: std::net::Ipv6Addr,
     pub desired_running: bool,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub updated_at: UnixMillis,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppStatus {
     pub app: App,
@@ -104,6 +117,7 @@ pub struct AppStatus {
     pub instances: Vec<Instance>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegisterHost {
     pub name: String,
@@ -112,6 +126,7 @@ pub struct RegisterHost {
     pub memory: MiB,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRegistration {
     pub host_id: HostId,
@@ -120,14 +135,18 @@ pub struct HostRegistration {
 }
 
 /// One workload assigned to a host and whether it should run.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {
+    /// The `WorkloadSpec` (docs/specs/workload-spec.md).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub spec: WorkloadSpec,
     pub desired_running: bool,
     pub state: InstanceState,
 }
 
 /// Everything assigned to a host, as of log sequence `seq`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignments {
     pub seq: u64,
@@ -135,6 +154,7 @@ pub struct Assignments {
 }
 
 /// An agent's report about one instance.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceReport {
     pub state: InstanceState,
@@ -143,12 +163,14 @@ pub struct InstanceReport {
 }
 
 /// One hostname the edge routes (TLS, by SNI).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     pub hostname: String,
     pub app: AppName,
     pub proxy_protocol: bool,
     /// Healthy backends (instance address and internal port).
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub backends: Vec<SocketAddr>,
     /// The service's per-instance connection limits; `None`: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,18 +182,22 @@ pub use kiln_types::workload::Concurrency;
 
 /// One address and port the edge listens on for one service (TCP, or TLS without SNI routing):
 /// a port allocated on a shared address, or any port of an app's dedicated IPv4.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortRoute {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub listen: SocketAddr,
     pub app: AppName,
     pub protocol: ServiceProtocol,
     pub proxy_protocol: bool,
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub backends: Vec<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<Concurrency>,
 }
 
 /// The edge's route table, as of log sequence `seq`. Also the format of `kilnd edge --routes`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteTable {
     #[serde(default)]
@@ -184,6 +210,8 @@ pub struct RouteTable {
 
 /// Query of long-polling endpoints: answer as soon as the state is newer than `after`, or after
 /// `wait_ms` with the current state.
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WatchQuery {
     #[serde(default)]
@@ -193,6 +221,7 @@ pub struct WatchQuery {
 }
 
 /// One line an instance wrote to stdout or stderr.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRecord {
     pub instance_id: InstanceId,
@@ -204,6 +233,8 @@ pub struct LogRecord {
 }
 
 /// Query of `GET /v1/apps/{app}/logs`.
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LogsQuery {
     /// Keep the response open and stream new lines.
@@ -218,6 +249,8 @@ pub struct LogsQuery {
 }
 
 /// Query of `GET /v1/apps/{app}/exec` (a WebSocket upgrade).
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ExecQuery {
     /// The instance to run in (default: a healthy instance of the current release).
@@ -227,6 +260,7 @@ pub struct ExecQuery {
 
 /// An exec session the control plane asks a host's agent to serve. The agent answers by opening
 /// the WebSocket `GET /v1/hosts/{host}/exec/{session}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
     pub session: String,
@@ -234,11 +268,131 @@ pub struct ExecRequest {
 }
 
 /// Information about the caller's token.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WhoAmI {
     pub org_id: OrgId,
     pub token_name: String,
     pub scopes: Vec<String>,
+}
+
+/// Query of every list endpoint: cursor pagination.
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PageQuery {
+    /// Most items in the page (1 to 500; default 100).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
+    pub limit: Option<u32>,
+    /// Opaque: the `next_cursor` of the previous page. Absent: the first page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// A page of apps, by name.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppPage {
+    pub items: Vec<App>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A page of releases, oldest first.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleasePage {
+    pub items: Vec<Release>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A page of instances, by id.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstancePage {
+    pub items: Vec<Instance>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A host as the control plane knows it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: HostId,
+    pub name: String,
+    /// Index in the overlay address plan.
+    pub index: u16,
+    pub driver: String,
+    pub cpu: MilliCpu,
+    pub memory: MiB,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
+    pub registered_at: UnixMillis,
+    /// The agent's last start.
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
+    pub last_registered_at: UnixMillis,
+}
+
+/// A page of hosts, by name.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPage {
+    pub items: Vec<Host>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// One event of the log, as an org's member sees it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Position in the global log; increasing, with gaps (other orgs' events).
+    pub seq: u64,
+    /// The event type (docs/specs/state/event-types.md).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `org`, `app`, `host` or `instance`, and its id.
+    pub stream: String,
+    pub stream_id: String,
+    /// The payload, as catalogued.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub data: serde_json::Value,
+    /// Who caused it: `token:<id>`, `system:reconciler`, ...
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
+    pub recorded_at: UnixMillis,
+}
+
+/// A page of events, oldest first.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventPage {
+    pub items: Vec<EventRecord>,
+    /// Always present: pass it to read on (or to follow) from where this page ended. A page
+    /// may be short, or empty, while later pages still have events.
+    pub next_cursor: String,
+}
+
+/// Query of `GET /v1/events`.
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventsQuery {
+    /// Most events in the page (1 to 500; default 100). Ignored with `follow`.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
+    pub limit: Option<u32>,
+    /// Opaque: a `next_cursor`. Absent: from the start of the log.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// Keep the response open and stream events as JSON lines (`application/x-ndjson`).
+    #[serde(default)]
+    pub follow: Option<bool>,
 }
 
 /// Labels for a `kiln status` table.

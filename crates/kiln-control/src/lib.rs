@@ -20,6 +20,7 @@ use std::time::Duration;
 use kiln_store::Store;
 use kiln_types::OrgId;
 
+pub use api::{openapi_document, openapi_yaml, RateLimit};
 pub use auth::{generate_token, hash_token, Scope};
 pub use error::ControlError;
 pub use reconciler::Reconciler;
@@ -35,6 +36,8 @@ pub struct ControlConfig {
     pub max_watch: Duration,
     /// How often the reconciler re-checks deadlines when nothing happens.
     pub reconcile_tick: Duration,
+    /// Requests per bearer token.
+    pub rate_limit: RateLimit,
 }
 
 impl Default for ControlConfig {
@@ -44,6 +47,7 @@ impl Default for ControlConfig {
             plain_http_registries: Vec::new(),
             max_watch: Duration::from_secs(60),
             reconcile_tick: Duration::from_millis(500),
+            rate_limit: RateLimit::default(),
         }
     }
 }
@@ -55,6 +59,11 @@ pub struct Control {
     pub(crate) registry: kiln_oci::RegistryClient,
     pub(crate) logs: logs::LogStore,
     pub(crate) exec: exec::ExecBroker,
+    pub(crate) rate_limiter: api::RateLimiter,
+    pub(crate) idempotency: api::IdempotencyCache,
+    /// The first org created: it runs the platform, so only its tokens may act as hosts and
+    /// edges (their routes see every org's workloads).
+    pub(crate) operator: tokio::sync::OnceCell<OrgId>,
 }
 
 /// What first start created: the one org and its admin token (shown once, stored only as a hash).
@@ -73,10 +82,13 @@ impl Control {
         .map_err(|source| ControlError::RegistryClient { source })?;
         Ok(Arc::new(Control {
             store,
-            config,
             registry,
             logs: logs::LogStore::new(),
             exec: exec::ExecBroker::default(),
+            rate_limiter: api::RateLimiter::new(config.rate_limit),
+            idempotency: api::IdempotencyCache::default(),
+            operator: tokio::sync::OnceCell::new(),
+            config,
         }))
     }
 

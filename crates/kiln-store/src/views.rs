@@ -401,6 +401,8 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
                 app_id.as_str().into(),
             ],
         )],
+        // The audit trail is read from the log itself.
+        Event::AuditRecorded { .. } => vec![],
     }
 }
 

@@ -40,6 +40,7 @@ pub struct StreamRef {
 }
 
 /// Lifecycle of a release's deploy.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseState {
@@ -75,6 +76,7 @@ impl ReleaseState {
 }
 
 /// Which runtime a host's agent uses.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
@@ -186,6 +188,23 @@ pub enum Event {
         app_id: AppId,
         address: std::net::Ipv4Addr,
     },
+    /// A mutating API request finished: who asked for what, and how it ended. Recorded for
+    /// every outcome, including refusals, so the org's event list is its audit trail.
+    AuditRecorded {
+        org_id: OrgId,
+        /// `token:<id>`.
+        actor: String,
+        /// `<METHOD> <route>`, e.g. `POST /v1/apps/{app}/releases`.
+        action: String,
+        /// The request path as sent, e.g. `/v1/apps/web/releases`.
+        target: String,
+        /// `succeeded` (2xx), `refused` (4xx) or `failed` (5xx).
+        outcome: String,
+        status: u16,
+        /// The problem `code` of a refusal or failure.
+        #[serde(default)]
+        code: Option<String>,
+    },
 }
 
 impl Event {
@@ -204,6 +223,7 @@ impl Event {
         "port_released",
         "ipv4_allocated",
         "ipv4_released",
+        "audit_recorded",
     ];
 
     /// The payload schema version this build writes for an event type (`None` for a type it does
@@ -284,15 +304,16 @@ impl Event {
             Self::PortReleased { .. } => "port_released",
             Self::Ipv4Allocated { .. } => "ipv4_allocated",
             Self::Ipv4Released { .. } => "ipv4_released",
+            Self::AuditRecorded { .. } => "audit_recorded",
         }
     }
 
     /// The stream the event belongs to.
     pub fn stream(&self) -> StreamRef {
         let (kind, id) = match self {
-            Self::OrgCreated { org_id, .. } | Self::TokenCreated { org_id, .. } => {
-                (StreamType::Org, org_id.to_string())
-            }
+            Self::OrgCreated { org_id, .. }
+            | Self::TokenCreated { org_id, .. }
+            | Self::AuditRecorded { org_id, .. } => (StreamType::Org, org_id.to_string()),
             Self::AppCreated { app_id, .. }
             | Self::ReleaseCreated { app_id, .. }
             | Self::ReleaseStateChanged { app_id, .. }

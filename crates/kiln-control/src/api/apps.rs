@@ -2,12 +2,71 @@
 
 use super::*;
 
-pub(super) async fn list_apps(State(c): Ctl, p: Principal) -> ApiResult<Json<Vec<App>>> {
+#[utoipa::path(get, path = "/v1/apps", tag = "apps", params(PageQuery),
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "Apps of the caller's org, by name.", body = AppPage)))]
+pub(super) async fn list_apps(
+    State(c): Ctl,
+    p: Principal,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<AppPage>> {
     p.require(Scope::Read)?;
     let rows = c.store.apps(Some(p.org_id.clone())).await?;
-    Ok(Json(rows.into_iter().map(|r| app_view(&c, r)).collect()))
+    let (rows, next_cursor) = paginate("apps", rows, |r| r.name.to_string(), &q)?;
+    Ok(Json(AppPage {
+        items: rows.into_iter().map(|r| app_view(&c, r)).collect(),
+        next_cursor,
+    }))
 }
 
+/// The app's ETag: its latest release version, which `If-Match` on a new release checks.
+fn app_etag(row: &AppRow) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{}\"", row.release_count))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}", tag = "apps",
+    params(("app" = String, Path, description = "App name")),
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "The app; `ETag` is its latest release version.", body = App,
+        headers(("etag" = String, description = "`\"<latest_version>\"`, for `If-Match` on a new release")))))]
+pub(super) async fn get_app(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+) -> ApiResult<([(axum::http::HeaderName, HeaderValue); 1], Json<App>)> {
+    p.require(Scope::Read)?;
+    let row = owned_app(&c, &p, &app).await?;
+    Ok((
+        [(axum::http::header::ETAG, app_etag(&row))],
+        Json(app_view(&c, row)),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}/instances", tag = "apps",
+    params(("app" = String, Path, description = "App name"), PageQuery),
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "Every instance of the app (stopped ones too), by id.", body = InstancePage)))]
+pub(super) async fn list_instances(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<InstancePage>> {
+    p.require(Scope::Read)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let rows = c.store.instances_of_app(row.id).await?;
+    let (rows, next_cursor) = paginate("instances", rows, |i| i.id.to_string(), &q)?;
+    Ok(Json(InstancePage {
+        items: rows.into_iter().map(instance_view).collect(),
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/apps", tag = "apps", request_body = CreateApp,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for 24 h")),
+    security(("bearer" = ["deploy"])),
+    responses((status = 201, description = "Created. 409 `app_exists`: names are platform-wide.", body = App)))]
 pub(super) async fn create_app(
     State(c): Ctl,
     p: Principal,
@@ -63,6 +122,10 @@ pub(super) async fn create_app(
     Ok((StatusCode::CREATED, Json(app_view(&c, row))))
 }
 
+#[utoipa::path(get, path = "/v1/apps/{app}/status", tag = "apps",
+    params(("app" = String, Path, description = "App name")),
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "Releases and live instances.", body = AppStatus)))]
 pub(super) async fn app_status(
     State(c): Ctl,
     p: Principal,
@@ -98,23 +161,30 @@ pub(super) async fn app_status(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/apps/{app}/releases", tag = "apps",
+    params(("app" = String, Path, description = "App name"), PageQuery),
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "Releases, oldest first.", body = ReleasePage)))]
 pub(super) async fn list_releases(
     State(c): Ctl,
     p: Principal,
     Path(app): Path<String>,
-) -> ApiResult<Json<Vec<Release>>> {
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<ReleasePage>> {
     p.require(Scope::Read)?;
     let row = owned_app(&c, &p, &app).await?;
-    Ok(Json(
-        c.store
-            .releases(row.id)
-            .await?
-            .into_iter()
-            .map(release_view)
-            .collect(),
-    ))
+    let rows = c.store.releases(row.id).await?;
+    let (rows, next_cursor) = paginate("releases", rows, |r| format!("{:020}", r.version), &q)?;
+    Ok(Json(ReleasePage {
+        items: rows.into_iter().map(release_view).collect(),
+        next_cursor,
+    }))
 }
 
+#[utoipa::path(get, path = "/v1/apps/{app}/releases/{version}", tag = "apps",
+    params(("app" = String, Path, description = "App name"), ("version" = u64, Path, description = "Release version")),
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "The release.", body = Release)))]
 pub(super) async fn get_release(
     State(c): Ctl,
     p: Principal,
@@ -130,6 +200,12 @@ pub(super) async fn get_release(
     Ok(Json(release_view(rel)))
 }
 
+#[utoipa::path(post, path = "/v1/apps/{app}/releases", tag = "apps", request_body = CreateRelease,
+    params(("app" = String, Path, description = "App name"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer (durably, per app)"),
+        ("If-Match" = Option<String>, Header, description = "The app's ETag (`\"<latest_version>\"`): 412 `precondition_failed` if another release came first")),
+    security(("bearer" = ["deploy"])),
+    responses((status = 201, description = "The release; the reconciler deploys it.", body = Release)))]
 pub(super) async fn create_release(
     State(c): Ctl,
     p: Principal,
@@ -139,6 +215,8 @@ pub(super) async fn create_release(
 ) -> ApiResult<(StatusCode, Json<Release>)> {
     p.require(Scope::Deploy)?;
     let row = owned_app(&c, &p, &app).await?;
+    // Fail fast; checked again against the version the append expects.
+    check_if_match(&headers, &row)?;
     let file = body
         .manifest_file
         .clone()
@@ -202,6 +280,7 @@ pub(super) async fn create_release(
     for _ in 0..5 {
         let current = c.store.stream_version(stream.clone()).await?;
         let app_now = owned_app(&c, &p, &app).await?;
+        check_if_match(&headers, &app_now)?;
         let release_id = ReleaseId::generate();
         let event = Event::ReleaseCreated {
             app_id: row.id.clone(),
@@ -297,4 +376,24 @@ pub(super) async fn allocate_ports(
         }
     }
     Ok(events)
+}
+
+/// `If-Match` on a new release: the app's latest version must still be the one the caller saw.
+fn check_if_match(headers: &HeaderMap, app: &AppRow) -> ApiResult<()> {
+    let Some(want) = headers.get(axum::http::header::IF_MATCH) else {
+        return Ok(());
+    };
+    let want = want.to_str().unwrap_or("").trim();
+    if want == "*" || want.as_bytes() == app_etag(app).as_bytes() {
+        return Ok(());
+    }
+    Err(ApiFailure::new(
+        StatusCode::PRECONDITION_FAILED,
+        "precondition_failed",
+        format!(
+            "If-Match {want} does not match the app's ETag \"{}\" (its latest release); \
+             read the app again",
+            app.release_count
+        ),
+    ))
 }

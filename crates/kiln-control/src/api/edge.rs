@@ -2,12 +2,15 @@
 
 use super::*;
 
+#[utoipa::path(get, path = "/v1/routes", tag = "edges", params(WatchQuery),
+    security(("bearer" = ["edge"])),
+    responses((status = 200, description = "The route table as of `seq` (long-poll).", body = RouteTable)))]
 pub(super) async fn routes(
     State(c): Ctl,
     p: Principal,
     Query(q): Query<WatchQuery>,
 ) -> ApiResult<Json<RouteTable>> {
-    p.require(Scope::Edge)?;
+    require_infra(&c, &p, Scope::Edge).await?;
     let seq = wait_past(&c, &q).await;
     let apps: BTreeMap<AppId, AppRow> = c
         .store

@@ -2,6 +2,10 @@
 
 use super::*;
 
+#[utoipa::path(get, path = "/v1/apps/{app}/exec", tag = "streams",
+    params(("app" = String, Path, description = "App name"), kiln_api::ExecQuery),
+    security(("bearer" = ["exec"])),
+    responses((status = 101, description = "WebSocket: binary messages carry guest-channel frames.")))]
 pub(super) async fn app_exec(
     State(c): Ctl,
     p: Principal,
@@ -69,27 +73,33 @@ pub(super) async fn app_exec(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/hosts/{host}/exec-requests", tag = "hosts",
+    params(("host" = String, Path, description = "Host id"), WatchQuery),
+    security(("bearer" = ["host"])),
+    responses((status = 200, description = "Exec sessions for the host's agent to serve (long-poll).", body = Vec<kiln_api::ExecRequest>)))]
 pub(super) async fn exec_requests(
     State(c): Ctl,
     p: Principal,
     Path(host): Path<String>,
     Query(q): Query<WatchQuery>,
 ) -> ApiResult<Json<Vec<kiln_api::ExecRequest>>> {
-    p.require(Scope::Host)?;
-    let host: HostId = host
-        .parse()
-        .map_err(|_| ApiFailure::not_found("host", &host))?;
+    require_infra(&c, &p, Scope::Host).await?;
+    let host = known_host(&c, &host).await?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(c.config.max_watch);
     Ok(Json(c.exec.take(&host, wait).await))
 }
 
+#[utoipa::path(get, path = "/v1/hosts/{host}/exec/{session}", tag = "hosts",
+    params(("host" = String, Path, description = "Host id"), ("session" = String, Path, description = "Exec session id")),
+    security(("bearer" = ["host"])),
+    responses((status = 101, description = "WebSocket: the agent's end of an exec session.")))]
 pub(super) async fn host_exec(
     State(c): Ctl,
     p: Principal,
     Path((host, session)): Path<(String, String)>,
     ws: axum::extract::WebSocketUpgrade,
 ) -> ApiResult<Response> {
-    p.require(Scope::Host)?;
+    require_infra(&c, &p, Scope::Host).await?;
     let _ = host;
     Ok(ws.on_upgrade(move |socket| async move {
         if !c.exec.attach(&session, socket) {

@@ -2,13 +2,58 @@
 
 use super::*;
 
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", params(PageQuery),
+    security(("bearer" = ["host"])),
+    responses((status = 200, description = "Registered hosts, by name. Operator org only.", body = HostPage)))]
+pub(super) async fn list_hosts(
+    State(c): Ctl,
+    p: Principal,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<HostPage>> {
+    require_infra(&c, &p, Scope::Host).await?;
+    let rows = c.store.hosts().await?;
+    let (rows, next_cursor) = paginate("hosts", rows, |h| h.name.clone(), &q)?;
+    Ok(Json(HostPage {
+        items: rows
+            .into_iter()
+            .map(|h| Host {
+                id: h.id,
+                name: h.name,
+                index: h.index,
+                driver: h.driver,
+                cpu: h.cpu,
+                memory: h.memory,
+                registered_at: h.registered_at,
+                last_registered_at: h.last_registered_at,
+            })
+            .collect(),
+        next_cursor,
+    }))
+}
+
+/// A registered host, by id; anything else answers 404.
+pub(super) async fn known_host(c: &Control, host: &str) -> ApiResult<HostId> {
+    let id: HostId = host
+        .parse()
+        .map_err(|_| ApiFailure::not_found("host", host))?;
+    if c.store.hosts().await?.iter().any(|h| h.id == id) {
+        Ok(id)
+    } else {
+        Err(ApiFailure::not_found("host", host))
+    }
+}
+
+#[utoipa::path(post, path = "/v1/hosts", tag = "hosts", request_body = RegisterHost,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for 24 h")),
+    security(("bearer" = ["host"])),
+    responses((status = 200, description = "Registered (again, for a known name).", body = HostRegistration)))]
 pub(super) async fn register_host(
     State(c): Ctl,
     p: Principal,
     headers: HeaderMap,
     Json(body): Json<RegisterHost>,
 ) -> ApiResult<Json<HostRegistration>> {
-    p.require(Scope::Host)?;
+    require_infra(&c, &p, Scope::Host).await?;
     let hosts = c.store.hosts().await?;
     let (host_id, index) = match hosts.iter().find(|h| h.name == body.name) {
         Some(h) => (h.id.clone(), h.index),
@@ -36,16 +81,18 @@ pub(super) async fn register_host(
     Ok(Json(HostRegistration { host_id, index }))
 }
 
+#[utoipa::path(get, path = "/v1/hosts/{host}/assignments", tag = "hosts",
+    params(("host" = String, Path, description = "Host id"), WatchQuery),
+    security(("bearer" = ["host"])),
+    responses((status = 200, description = "The host's workloads as of `seq` (long-poll).", body = Assignments)))]
 pub(super) async fn assignments(
     State(c): Ctl,
     p: Principal,
     Path(host): Path<String>,
     Query(q): Query<WatchQuery>,
 ) -> ApiResult<Json<Assignments>> {
-    p.require(Scope::Host)?;
-    let host: HostId = host
-        .parse()
-        .map_err(|_| ApiFailure::not_found("host", &host))?;
+    require_infra(&c, &p, Scope::Host).await?;
+    let host = known_host(&c, &host).await?;
     let seq = wait_past(&c, &q).await;
     let rows = c.store.instances_on_host(host).await?;
     let assignments = rows
@@ -60,6 +107,11 @@ pub(super) async fn assignments(
     Ok(Json(Assignments { seq, assignments }))
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{host}/instances/{instance}/report", tag = "hosts",
+    request_body = InstanceReport,
+    params(("host" = String, Path, description = "Host id"), ("instance" = String, Path, description = "Instance id")),
+    security(("bearer" = ["host"])),
+    responses((status = 200, description = "Recorded (nothing is appended when nothing changed).", body = Object)))]
 pub(super) async fn report_instance(
     State(c): Ctl,
     p: Principal,
@@ -67,7 +119,7 @@ pub(super) async fn report_instance(
     Path((host, instance)): Path<(String, String)>,
     Json(report): Json<InstanceReport>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    p.require(Scope::Host)?;
+    require_infra(&c, &p, Scope::Host).await?;
     let id: InstanceId = instance
         .parse()
         .map_err(|_| ApiFailure::not_found("instance", &instance))?;

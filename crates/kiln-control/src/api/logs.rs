@@ -5,13 +5,18 @@ use super::*;
 /// Largest log batch an agent may send at once.
 const MAX_LOG_BATCH: usize = 5_000;
 
+#[utoipa::path(post, path = "/v1/hosts/{host}/logs", tag = "hosts",
+    request_body = Vec<kiln_api::LogRecord>,
+    params(("host" = String, Path, description = "Host id")),
+    security(("bearer" = ["host"])),
+    responses((status = 200, description = "Accepted; lines of instances not on the host are dropped.", body = Object)))]
 pub(super) async fn ship_logs(
     State(c): Ctl,
     p: Principal,
     Path(host): Path<String>,
     Json(lines): Json<Vec<kiln_api::LogRecord>>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    p.require(Scope::Host)?;
+    require_infra(&c, &p, Scope::Host).await?;
     if lines.len() > MAX_LOG_BATCH {
         return Err(ApiFailure::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -19,9 +24,7 @@ pub(super) async fn ship_logs(
             format!("at most {MAX_LOG_BATCH} lines per batch"),
         ));
     }
-    let host: HostId = host
-        .parse()
-        .map_err(|_| ApiFailure::not_found("host", &host))?;
+    let host = known_host(&c, &host).await?;
     // A host may only ship lines of instances placed on it, attributed to their real app.
     let mine: BTreeMap<InstanceId, AppId> = c
         .store
@@ -38,6 +41,11 @@ pub(super) async fn ship_logs(
     Ok(Json(serde_json::json!({})))
 }
 
+#[utoipa::path(get, path = "/v1/apps/{app}/logs", tag = "streams",
+    params(("app" = String, Path, description = "App name"), kiln_api::LogsQuery),
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "JSON lines of `LogRecord`; with `follow`, kept open.",
+        body = kiln_api::LogRecord, content_type = "application/x-ndjson")))]
 pub(super) async fn app_logs(
     State(c): Ctl,
     p: Principal,

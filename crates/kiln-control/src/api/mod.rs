@@ -9,18 +9,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
 
 use kiln_api::{
-    App, AppStatus, Assignment, Assignments, CreateApp, CreateRelease, HostRegistration, Instance,
-    InstanceReport, PortRoute, RegisterHost, Release, Route, RouteTable, WatchQuery, WhoAmI,
-    IDEMPOTENCY_KEY, REQUEST_ID,
+    App, AppPage, AppStatus, Assignment, Assignments, CreateApp, CreateRelease, EventPage,
+    EventRecord, EventsQuery, Host, HostPage, HostRegistration, Instance, InstancePage,
+    InstanceReport, PageQuery, PortRoute, Problem, RegisterHost, Release, ReleasePage, Route,
+    RouteTable, WatchQuery, WhoAmI, IDEMPOTENCY_KEY, PROBLEM_JSON, REQUEST_ID,
 };
 use kiln_store::{
     AppRow, Append, ExpectedVersion, Idempotency, InstanceRow, Metadata, NewEvent, ReleaseRow,
@@ -33,32 +34,43 @@ use crate::error::ApiFailure;
 use crate::Control;
 
 mod apps;
+mod conventions;
 mod edge;
+mod events;
 mod exec;
 mod hosts;
 mod logs;
+mod openapi;
 
 use apps::*;
+use conventions::*;
 use edge::*;
+use events::*;
 use exec::*;
 use hosts::*;
 use logs::*;
+
+pub use conventions::RateLimit;
+pub(crate) use conventions::{IdempotencyCache, RateLimiter};
+pub use openapi::{openapi_document, openapi_yaml};
 
 type Ctl = State<Arc<Control>>;
 type ApiResult<T> = Result<T, ApiFailure>;
 
 pub(crate) fn router(control: Arc<Control>) -> Router {
     Router::new()
-        .route("/v1/healthz", get(|| async { "ok" }))
+        .route("/v1/healthz", get(healthz))
         .route("/v1/whoami", get(whoami))
         .route("/v1/apps", get(list_apps).post(create_app))
+        .route("/v1/apps/{app}", get(get_app))
         .route("/v1/apps/{app}/status", get(app_status))
         .route(
             "/v1/apps/{app}/releases",
             get(list_releases).post(create_release),
         )
         .route("/v1/apps/{app}/releases/{version}", get(get_release))
-        .route("/v1/hosts", post(register_host))
+        .route("/v1/apps/{app}/instances", get(list_instances))
+        .route("/v1/hosts", get(list_hosts).post(register_host))
         .route("/v1/hosts/{host}/assignments", get(assignments))
         .route(
             "/v1/hosts/{host}/instances/{instance}/report",
@@ -70,28 +82,21 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
         .route("/v1/hosts/{host}/exec-requests", get(exec_requests))
         .route("/v1/hosts/{host}/exec/{session}", get(host_exec))
         .route("/v1/routes", get(routes))
+        .route("/v1/events", get(list_events))
+        // Layers run bottom-up on the way in: the last added is the outermost.
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(control.clone(), audit))
+        .layer(middleware::from_fn_with_state(control.clone(), idempotency))
+        .layer(middleware::from_fn_with_state(control.clone(), rate_limit))
+        .layer(middleware::from_fn(problems))
         .layer(middleware::from_fn(request_id))
         .with_state(control)
 }
 
-/// Gives every response an `x-request-id` (the caller's, if it sent a sane one).
-async fn request_id(req: Request<axum::body::Body>, next: Next) -> Response {
-    let id = req
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            v.len() <= 64
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("req_{}", kiln_types::InstanceId::generate().suffix()));
-    let mut resp = next.run(req).await;
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(REQUEST_ID, v);
-    }
-    resp
+#[utoipa::path(get, path = "/v1/healthz", tag = "meta", security(()),
+    responses((status = 200, description = "The API serves.", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
 }
 
 fn metadata(p: &Principal, headers: &HeaderMap) -> Metadata {
@@ -105,6 +110,8 @@ fn metadata(p: &Principal, headers: &HeaderMap) -> Metadata {
     }
 }
 
+#[utoipa::path(get, path = "/v1/whoami", tag = "meta", security(("bearer" = [])),
+    responses((status = 200, description = "The caller's token.", body = WhoAmI)))]
 async fn whoami(p: Principal) -> Json<WhoAmI> {
     Json(WhoAmI {
         org_id: p.org_id,
@@ -172,4 +179,106 @@ async fn wait_past(c: &Control, q: &WatchQuery) -> u64 {
     // so a watcher that polls again with this seq can never miss a change.
     let head = *rx.borrow();
     head
+}
+
+/// The operator org (the first one created): only its tokens may use the host and edge scopes.
+async fn operator(c: &Control) -> ApiResult<&kiln_types::OrgId> {
+    c.operator
+        .get_or_try_init(|| async {
+            c.store
+                .read_after(0, 1)
+                .await?
+                .into_iter()
+                .find_map(|e| match e.event {
+                    Event::OrgCreated { org_id, .. } => Some(org_id),
+                    _ => None,
+                })
+                .ok_or_else(|| {
+                    ApiFailure::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not_bootstrapped",
+                        "the control plane has no org yet",
+                    )
+                })
+        })
+        .await
+}
+
+/// `scope` on a token of the operator org: hosts and edges see every org's workloads, so a
+/// tenant's token never acts as one, whatever its scopes.
+async fn require_infra(c: &Control, p: &Principal, scope: Scope) -> ApiResult<()> {
+    p.require(scope)?;
+    if &p.org_id != operator(c).await? {
+        return Err(ApiFailure::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            format!("the {scope} scope is valid only on tokens of the operator org"),
+        ));
+    }
+    Ok(())
+}
+
+/// Default and largest page size of list endpoints.
+const PAGE_DEFAULT: usize = 100;
+const PAGE_MAX: usize = 500;
+
+fn page_limit(limit: Option<u32>) -> ApiResult<usize> {
+    match limit {
+        None => Ok(PAGE_DEFAULT),
+        Some(n) if (1..=PAGE_MAX as u32).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+            format!("limit {n} is outside 1 to {PAGE_MAX}"),
+        )),
+    }
+}
+
+/// An opaque cursor: which list it belongs to and the sort key of the last item returned.
+fn encode_cursor(list: &str, key: &str) -> String {
+    format!("{list}.{}", hex::encode(key))
+}
+
+fn decode_cursor(list: &str, cursor: &str) -> ApiResult<String> {
+    let bad = || {
+        ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_cursor",
+            "the cursor is not a `next_cursor` of this list",
+        )
+    };
+    let hexed = cursor
+        .strip_prefix(list)
+        .and_then(|r| r.strip_prefix('.'))
+        .ok_or_else(bad)?;
+    let bytes = hex::decode(hexed).map_err(|_| bad())?;
+    String::from_utf8(bytes).map_err(|_| bad())
+}
+
+/// One page of `items` sorted by `key`, after the cursor's key.
+fn paginate<T>(
+    list: &str,
+    mut items: Vec<T>,
+    key: impl Fn(&T) -> String,
+    q: &PageQuery,
+) -> ApiResult<(Vec<T>, Option<String>)> {
+    let limit = page_limit(q.limit)?;
+    let after = q
+        .cursor
+        .as_deref()
+        .map(|c| decode_cursor(list, c))
+        .transpose()?;
+    items.sort_by_key(|t| key(t));
+    let mut page: Vec<T> = items
+        .into_iter()
+        .filter(|t| after.as_ref().is_none_or(|a| key(t) > *a))
+        .take(limit + 1)
+        .collect();
+    let next = if page.len() > limit {
+        page.truncate(limit);
+        page.last().map(|t| encode_cursor(list, &key(t)))
+    } else {
+        None
+    };
+    Ok((page, next))
 }
