@@ -45,6 +45,11 @@ fn about_blank() -> String {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateApp {
+    /// A DNS label: unique across the platform (it is the first label of the app's hostname).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = String, pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)
+    )]
     pub name: AppName,
 }
 
