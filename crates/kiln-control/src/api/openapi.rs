@@ -66,6 +66,21 @@ pub fn openapi_document() -> Value {
                 continue;
             };
             for op in ops.values_mut() {
+                // Optional headers are absent or a string, never null.
+                for param in op
+                    .get_mut("parameters")
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "header")
+                {
+                    param["schema"] = if param["name"] == "Idempotency-Key" {
+                        json!({"type": "string", "minLength": 1, "maxLength": 255,
+                            "pattern": "^[!-~]+$"})
+                    } else {
+                        json!({"type": "string"})
+                    };
+                }
                 if let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) {
                     responses.insert(
                         "default".into(),
