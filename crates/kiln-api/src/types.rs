@@ -125,9 +125,18 @@ pub struct AppStatus {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegisterHost {
+    /// 1 to 253 visible ASCII characters; registering a known name again updates that host.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 253, pattern = "^[!-~]+$")
+    )]
     pub name: String,
     pub driver: Driver,
+    /// Millicpu, 1 to 100,000,000.
+    #[cfg_attr(feature = "openapi", schema(value_type = u32, minimum = 1, maximum = 100_000_000))]
     pub cpu: MilliCpu,
+    /// MiB, 1 to 2^32.
+    #[cfg_attr(feature = "openapi", schema(value_type = u64, minimum = 1, maximum = 4_294_967_296_u64))]
     pub memory: MiB,
 }
 

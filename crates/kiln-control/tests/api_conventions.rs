@@ -444,3 +444,34 @@ async fn mutations_are_audited_and_events_follow() {
     assert!(!created.is_empty());
     assert!(created.iter().all(|e| e["data"].get("hash").is_none()));
 }
+
+fn assert_problem_status(s: StatusCode, v: &Value, status: u16, code: &str) {
+    assert_eq!(
+        (s.as_u16(), v["code"].as_str()),
+        (status, Some(code)),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn host_registrations_with_extreme_values_keep_the_hosts_view_readable() {
+    let c = Cluster::start(unlimited()).await;
+    let t = c.operator.token(Scope::Admin);
+    for body in [
+        json!({"name": "big", "driver": "runc", "cpu": u32::MAX, "memory": u64::MAX}),
+        json!({"name": "", "driver": "runc", "cpu": 0, "memory": 0}),
+    ] {
+        let (s, _, v) = call(
+            &c,
+            t,
+            Method::POST,
+            "/v1/hosts",
+            Some(&body.to_string()),
+            &[],
+        )
+        .await;
+        assert_problem_status(s, &v, 422, "invalid_host");
+        let (s, _, v) = call(&c, t, Method::GET, "/v1/hosts", None, &[]).await;
+        assert_eq!(s, 200, "after {body}: {v}");
+    }
+}

@@ -7,7 +7,8 @@
 //! validates would make the control plane resolve a made-up image reference on whatever registry
 //! host the fuzzer invents: traffic off this machine) and the parameters that hold a response
 //! open (`follow`, `wait_ms`): they are tested by the other tests. The seed is fixed, so a run is
-//! reproducible; `KILN_FUZZ_EXAMPLES` raises the number of cases per operation.
+//! reproducible; `KILN_FUZZ_EXAMPLES` raises the number of cases per operation and
+//! `KILN_FUZZ_SEED` picks another seed.
 
 mod common;
 
@@ -85,6 +86,7 @@ async fn fuzzing_from_the_openapi_document_finds_no_server_error() {
     )
     .unwrap();
     let examples = std::env::var("KILN_FUZZ_EXAMPLES").unwrap_or_else(|_| "25".into());
+    let seed = std::env::var("KILN_FUZZ_SEED").unwrap_or_else(|_| "5".into());
     let auth = format!("Authorization: Bearer {token}");
     let bin = schemathesis();
     let out = tokio::task::spawn_blocking(move || {
@@ -99,7 +101,7 @@ async fn fuzzing_from_the_openapi_document_finds_no_server_error() {
                  response_schema_conformance",
             ])
             .args(["--max-examples", &examples])
-            .args(["--seed", "5"])
+            .args(["--seed", &seed])
             .args(["--phases", "examples,coverage,fuzzing"])
             .args(["--workers", "2"])
             .args(["--request-timeout", "10"])

@@ -31,6 +31,33 @@ pub(super) async fn list_hosts(
     }))
 }
 
+/// Bounds of a host's reported capacity: past them the numbers are garbage, and the views store
+/// them as signed 64-bit integers.
+const MAX_HOST_CPU: u32 = 100_000_000;
+const MAX_HOST_MEMORY_MIB: u64 = 1 << 32;
+
+fn check_registration(body: &RegisterHost) -> ApiResult<()> {
+    let bad =
+        |detail: String| ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_host", detail);
+    if body.name.is_empty()
+        || body.name.len() > 253
+        || !body.name.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(bad(
+            "host names are 1 to 253 visible ASCII characters".into()
+        ));
+    }
+    if body.cpu.0 == 0 || body.cpu.0 > MAX_HOST_CPU {
+        return Err(bad(format!("cpu must be 1 to {MAX_HOST_CPU} millicpu")));
+    }
+    if body.memory.0 == 0 || body.memory.0 > MAX_HOST_MEMORY_MIB {
+        return Err(bad(format!(
+            "memory must be 1 to {MAX_HOST_MEMORY_MIB} MiB"
+        )));
+    }
+    Ok(())
+}
+
 /// A registered host, by id; anything else answers 404.
 pub(super) async fn known_host(c: &Control, host: &str) -> ApiResult<HostId> {
     let id: HostId = host
@@ -54,6 +81,7 @@ pub(super) async fn register_host(
     Json(body): Json<RegisterHost>,
 ) -> ApiResult<Json<HostRegistration>> {
     require_infra(&c, &p, Scope::Host).await?;
+    check_registration(&body)?;
     let hosts = c.store.hosts().await?;
     let (host_id, index) = match hosts.iter().find(|h| h.name == body.name) {
         Some(h) => (h.id.clone(), h.index),
