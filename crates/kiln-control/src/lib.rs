@@ -1,9 +1,10 @@
 //! The Kiln control plane.
 //!
 //! This crate owns the HTTP API under `/v1` (authentication, tenancy, request ids, problem
-//! responses), the decisions that turn requests into events (apps, releases, host registration,
-//! instance reports), and the reconciler that drives releases to running instances through the
-//! scheduler. State lives in `kiln-store`; placement math in `kiln-scheduler`; image resolution in
+//! responses, pagination, idempotency, rate limits, the audit trail) and its OpenAPI document
+//! generated from the handlers ([`openapi_yaml`]), the decisions that turn requests into events
+//! (apps, releases, host registration, instance reports), and the reconciler that drives releases
+//! to running instances through the scheduler. State lives in `kiln-store`; placement math in `kiln-scheduler`; image resolution in
 //! `kiln-oci`. It never runs workloads or proxies traffic: agents and edges do, talking to this
 //! crate only over the API.
 

@@ -2,7 +2,10 @@
 //!
 //! Every handler: authenticate (the [`Principal`] extractor), check scope, read views or append
 //! events, answer JSON. Resources of another org answer exactly like missing ones (404), so a
-//! token cannot probe for names it does not own.
+//! token cannot probe for names it does not own; the host and edge scopes count only on tokens of
+//! the operator org. What every route shares (request ids, problems, rate limits, idempotency,
+//! audit) is in [`conventions`]; every handler carries a `#[utoipa::path]` and is listed in
+//! [`openapi`], which a test keeps equal to the router's routes and to docs/specs/api/openapi.yaml.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
