@@ -384,10 +384,12 @@ async fn mutations_are_audited_and_events_follow() {
     )
     .await;
     assert_eq!(denied.0, 403);
+    let malformed = call(&c, t, Method::POST, "/v1/apps", Some("{\"name\": 7}"), &[]).await;
+    assert_eq!(malformed.0, 422);
 
     let mut lines = Vec::new();
     let mut buf = Vec::new();
-    while lines.len() < 4 {
+    while lines.len() < 5 {
         let chunk = tokio::time::timeout(Duration::from_secs(10), follow.chunk())
             .await
             .expect("the follower got the events")
@@ -404,6 +406,7 @@ async fn mutations_are_audited_and_events_follow() {
         types,
         [
             "app_created",
+            "audit_recorded",
             "audit_recorded",
             "audit_recorded",
             "audit_recorded"
@@ -424,7 +427,8 @@ async fn mutations_are_audited_and_events_follow() {
         [
             ("succeeded", 201, ""),
             ("refused", 409, "app_exists"),
-            ("refused", 403, "insufficient_scope")
+            ("refused", 403, "insufficient_scope"),
+            ("refused", 422, "invalid_body")
         ]
     );
     assert_eq!(lines[1]["data"]["action"], "POST /v1/apps");

@@ -49,6 +49,21 @@ pub(super) async fn request_id(mut req: Request<Body>, next: Next) -> Response {
     resp
 }
 
+/// The code of an error answered by axum itself (a rejected extractor, no route, wrong method).
+fn rejection_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "no_route",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        s if s.is_server_error() => "internal",
+        _ => "http_error",
+    }
+}
+
 /// Turns every error response into `application/problem+json` carrying the request id.
 pub(super) async fn problems(req: Request<Body>, next: Next) -> Response {
     let request_id = req
@@ -76,17 +91,7 @@ pub(super) async fn problems(req: Request<Body>, next: Next) -> Response {
             Err(_) => return Response::from_parts(parts, Body::from(bytes)),
         }
     } else {
-        let code = match status {
-            StatusCode::BAD_REQUEST => "bad_request",
-            StatusCode::NOT_FOUND => "no_route",
-            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-            StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-            StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
-            StatusCode::UPGRADE_REQUIRED => "upgrade_required",
-            s if s.is_server_error() => "internal",
-            _ => "http_error",
-        };
+        let code = rejection_code(status);
         let text = String::from_utf8_lossy(&bytes);
         let detail = match (status, text.trim()) {
             (StatusCode::NOT_FOUND, "") => "no such route; see docs/specs/api/http-api.md".into(),
@@ -533,10 +538,15 @@ pub(super) async fn audit(State(c): Ctl, req: Request<Body>, next: Next) -> Resp
     } else {
         "failed"
     };
-    let code = resp
-        .extensions()
-        .get::<ProblemCode>()
-        .map(|c| c.0.to_owned());
+    // Handlers' problems carry their code; axum's own rejections become problems only further
+    // out, with the code `problems` gives them.
+    let code = match resp.extensions().get::<ProblemCode>() {
+        Some(c) => Some(c.0.to_owned()),
+        None if status.is_client_error() || status.is_server_error() => {
+            Some(rejection_code(status).to_owned())
+        }
+        None => None,
+    };
     let event = Event::AuditRecorded {
         org_id: p.org_id.clone(),
         actor: p.actor(),
