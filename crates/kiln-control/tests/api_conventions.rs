@@ -398,7 +398,9 @@ async fn mutations_are_audited_and_events_follow() {
         buf.extend_from_slice(&chunk);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
-            lines.push(serde_json::from_slice::<Value>(&line).unwrap());
+            if line.len() > 1 {
+                lines.push(serde_json::from_slice::<Value>(&line).unwrap());
+            }
         }
     }
     let types: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();

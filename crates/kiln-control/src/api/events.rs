@@ -11,6 +11,8 @@ use super::*;
 /// Most log entries one list request scans (matching or not), so a request of an org with few
 /// events in a long log stays bounded; the cursor tells where to go on.
 const SCAN_BUDGET: usize = 5_000;
+/// A quiet follow stream sends an empty line this often.
+const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Log entries read per store query.
 const READ_PAGE: usize = 500;
 
@@ -184,9 +186,20 @@ fn follow(c: Arc<Control>, mut vis: Visibility, after: u64) -> Response {
             if full {
                 continue;
             }
-            tokio::select! {
-                changed = head.wait_for(|h| *h > position) => if changed.is_err() { return },
+            // Decide first, then act: the head's borrow must not live across the send.
+            let quiet = tokio::select! {
+                changed = head.wait_for(|h| *h > position) => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    false
+                }
+                _ = tokio::time::sleep(KEEPALIVE) => true,
                 _ = tx.closed() => return,
+            };
+            // An empty line now and then keeps idle proxies from closing a quiet stream.
+            if quiet && tx.send(Ok(b"\n".to_vec())).await.is_err() {
+                return;
             }
         }
     });
