@@ -187,8 +187,48 @@ impl Client {
             .await
     }
 
+    /// Every app of the token's org, following the pages.
     pub async fn list_apps(&self) -> Result<Vec<App>, ApiError> {
-        self.get("/v1/apps").await
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page: AppPage = self.get(&page_path("/v1/apps", cursor.as_deref())).await?;
+            out.extend(page.items);
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// One page of an app's releases, oldest first.
+    pub async fn list_releases(
+        &self,
+        app: &str,
+        cursor: Option<&str>,
+    ) -> Result<ReleasePage, ApiError> {
+        self.get(&page_path(&format!("/v1/apps/{app}/releases"), cursor))
+            .await
+    }
+
+    /// One page of an app's instances.
+    pub async fn list_instances(
+        &self,
+        app: &str,
+        cursor: Option<&str>,
+    ) -> Result<InstancePage, ApiError> {
+        self.get(&page_path(&format!("/v1/apps/{app}/instances"), cursor))
+            .await
+    }
+
+    /// One page of the registered hosts (operator tokens).
+    pub async fn list_hosts(&self, cursor: Option<&str>) -> Result<HostPage, ApiError> {
+        self.get(&page_path("/v1/hosts", cursor)).await
+    }
+
+    /// One page of the org's events after `cursor` (from the start without one).
+    pub async fn events(&self, cursor: Option<&str>) -> Result<EventPage, ApiError> {
+        self.get(&page_path("/v1/events", cursor)).await
     }
 
     pub async fn create_release(
@@ -221,10 +261,6 @@ impl Client {
         Ok(())
     }
 
-    pub async fn hosts(&self) -> Result<Vec<HostInfo>, ApiError> {
-        self.get("/v1/hosts").await
-    }
-
     /// Drains (`drain: true`) or undrains a host, by id or name.
     pub async fn drain_host(&self, host: &str, drain: bool) -> Result<HostInfo, ApiError> {
         let action = if drain { "drain" } else { "ready" };
@@ -236,8 +272,18 @@ impl Client {
         .await
     }
 
+    /// Every release of the app, oldest first (all pages).
     pub async fn releases(&self, app: &str) -> Result<Vec<Release>, ApiError> {
-        self.get(&format!("/v1/apps/{app}/releases")).await
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self.list_releases(app, cursor.as_deref()).await?;
+            all.extend(page.items);
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// Creates a release restoring version `version` (the previous healthy one when `None`).
@@ -414,6 +460,14 @@ impl Client {
                 .timeout(wait + Duration::from_secs(10)),
         )
         .await
+    }
+}
+
+/// `path` with `?cursor=` when there is one (cursors are hex and dots: nothing to escape).
+fn page_path(path: &str, cursor: Option<&str>) -> String {
+    match cursor {
+        Some(c) => format!("{path}?cursor={c}"),
+        None => path.to_owned(),
     }
 }
 

@@ -14,6 +14,7 @@ use kiln_types::{HostId, InstanceId, UnixMillis};
 use crate::{ApiError, Client};
 
 /// Query of the app-scoped secrets routes.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SecretsQuery {
     /// The environment (default `production`).
@@ -25,6 +26,7 @@ pub struct SecretsQuery {
 }
 
 /// `POST /v1/apps/{app}/secrets`: set (add or replace) secrets, making a new version.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Default, Serialize, Deserialize)]
 pub struct SetSecrets {
     pub secrets: BTreeMap<String, String>,
@@ -43,6 +45,7 @@ impl std::fmt::Debug for SetSecrets {
 }
 
 /// `POST /v1/apps/{app}/secrets/unset`: remove secrets, making a new version.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct UnsetSecrets {
     pub names: Vec<String>,
@@ -51,6 +54,7 @@ pub struct UnsetSecrets {
 }
 
 /// The outcome of a set or unset.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretsChanged {
     pub env: String,
@@ -66,6 +70,7 @@ pub struct SecretsChanged {
 }
 
 /// A secret as `list` shows it: never its value.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretInfo {
     pub name: String,
@@ -77,6 +82,7 @@ pub struct SecretInfo {
 }
 
 /// `GET /v1/apps/{app}/secrets`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretList {
     pub env: String,
@@ -92,6 +98,7 @@ pub struct SecretList {
 
 /// `GET /v1/apps/{app}/secrets/render`: the file an instance of the next deploy receives,
 /// values replaced by `********` unless `revealed`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenderedSecrets {
     pub revealed: bool,

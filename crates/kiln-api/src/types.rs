@@ -20,6 +20,7 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// An error body (`application/problem+json`). `code` is stable and documented; `detail` is for
 /// people.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
     #[serde(rename = "type", default = "about_blank")]
@@ -31,6 +32,7 @@ pub struct Problem {
     pub detail: Option<String>,
     /// Extra structured data, e.g. manifest problems with line and column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub errors: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
@@ -40,21 +42,30 @@ fn about_blank() -> String {
     "about:blank".into()
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateApp {
+    /// A DNS label: unique across the platform (it is the first label of the app's hostname).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = String, pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)
+    )]
     pub name: AppName,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct App {
     pub id: AppId,
     pub org_id: OrgId,
     pub name: AppName,
     pub hostname: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub created_at: UnixMillis,
     pub latest_version: u64,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateRelease {
     /// Image reference (tag or digest); overrides the manifest's `image`.
@@ -67,6 +78,7 @@ pub struct CreateRelease {
     pub manifest_file: Option<String>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Release {
     pub id: ReleaseId,
@@ -76,13 +88,16 @@ pub struct Release {
     pub image: ImageRef,
     pub state: ReleaseState,
     pub reason: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub created_at: UnixMillis,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub updated_at: UnixMillis,
     /// The secrets version the release runs with (0: none).
     #[serde(default)]
     pub secrets_version: u64,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
     pub id: InstanceId,
@@ -91,11 +106,14 @@ pub struct Instance {
     pub process: String,
     pub state: InstanceState,
     pub reason: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Ipv6))]
     pub ipv6: std::net::Ipv6Addr,
     pub desired_running: bool,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub updated_at: UnixMillis,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppStatus {
     pub app: App,
@@ -107,14 +125,25 @@ pub struct AppStatus {
     pub instances: Vec<Instance>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegisterHost {
+    /// 1 to 253 visible ASCII characters; registering a known name again updates that host.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 253, pattern = "^[!-~]+$")
+    )]
     pub name: String,
     pub driver: Driver,
+    /// Millicpu, 1 to 100,000,000.
+    #[cfg_attr(feature = "openapi", schema(value_type = u32, minimum = 1, maximum = 100_000_000))]
     pub cpu: MilliCpu,
+    /// MiB, 1 to 2^32.
+    #[cfg_attr(feature = "openapi", schema(value_type = u64, minimum = 1, maximum = 4_294_967_296_u64))]
     pub memory: MiB,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRegistration {
     pub host_id: HostId,
@@ -123,8 +152,11 @@ pub struct HostRegistration {
 }
 
 /// One workload assigned to a host and whether it should run.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {
+    /// The `WorkloadSpec` (docs/specs/workload-spec.md).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub spec: WorkloadSpec,
     pub desired_running: bool,
     pub state: InstanceState,
@@ -135,6 +167,7 @@ pub struct Assignment {
 }
 
 /// Everything assigned to a host, as of log sequence `seq`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignments {
     pub seq: u64,
@@ -142,6 +175,7 @@ pub struct Assignments {
 }
 
 /// An agent's report about one instance.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceReport {
     pub state: InstanceState,
@@ -150,12 +184,14 @@ pub struct InstanceReport {
 }
 
 /// One hostname the edge routes (TLS, by SNI).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     pub hostname: String,
     pub app: AppName,
     pub proxy_protocol: bool,
     /// Healthy backends (instance address and internal port).
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub backends: Vec<SocketAddr>,
     /// The service's per-instance connection limits; `None`: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -167,18 +203,22 @@ pub use kiln_types::workload::Concurrency;
 
 /// One address and port the edge listens on for one service (TCP, or TLS without SNI routing):
 /// a port allocated on a shared address, or any port of an app's dedicated IPv4.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortRoute {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub listen: SocketAddr,
     pub app: AppName,
     pub protocol: ServiceProtocol,
     pub proxy_protocol: bool,
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub backends: Vec<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<Concurrency>,
 }
 
 /// The edge's route table, as of log sequence `seq`. Also the format of `kilnd edge --routes`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteTable {
     #[serde(default)]
@@ -191,6 +231,9 @@ pub struct RouteTable {
 
 /// Query of long-polling endpoints: answer as soon as the state is newer than `after`, or after
 /// `wait_ms` with the current state.
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WatchQuery {
     #[serde(default)]
@@ -200,6 +243,7 @@ pub struct WatchQuery {
 }
 
 /// One line an instance wrote to stdout or stderr.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRecord {
     pub instance_id: InstanceId,
@@ -211,6 +255,9 @@ pub struct LogRecord {
 }
 
 /// Query of `GET /v1/apps/{app}/logs`.
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LogsQuery {
     /// Keep the response open and stream new lines.
@@ -225,6 +272,9 @@ pub struct LogsQuery {
 }
 
 /// Query of `GET /v1/apps/{app}/exec` (a WebSocket upgrade).
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ExecQuery {
     /// The instance to run in (default: a healthy instance of the current release).
@@ -234,6 +284,7 @@ pub struct ExecQuery {
 
 /// An exec session the control plane asks a host's agent to serve. The agent answers by opening
 /// the WebSocket `GET /v1/hosts/{host}/exec/{session}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
     pub session: String,
@@ -241,6 +292,7 @@ pub struct ExecRequest {
 }
 
 /// Information about the caller's token.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WhoAmI {
     pub org_id: OrgId,
@@ -263,19 +315,149 @@ pub struct WhoAmI {
     pub expires_at: Option<UnixMillis>,
 }
 
+/// Query of every list endpoint: cursor pagination.
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PageQuery {
+    /// Most items in the page (1 to 500; default 100).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
+    pub limit: Option<u32>,
+    /// Opaque: the `next_cursor` of the previous page. Absent: the first page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// A page of apps, by name.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppPage {
+    pub items: Vec<App>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A page of releases, oldest first.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleasePage {
+    pub items: Vec<Release>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A page of instances, by id.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstancePage {
+    pub items: Vec<Instance>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A host as the control plane knows it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: HostId,
+    pub name: String,
+    /// Index in the overlay address plan.
+    pub index: u16,
+    pub driver: String,
+    pub cpu: MilliCpu,
+    pub memory: MiB,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
+    pub registered_at: UnixMillis,
+    /// The agent's last start.
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
+    pub last_registered_at: UnixMillis,
+    /// `ready`, `draining` (`kiln hosts drain`) or `down` (missed heartbeats).
+    #[serde(default)]
+    pub state: kiln_types::event::HostState,
+    /// Why the host is in its state.
+    #[serde(default)]
+    pub state_reason: Option<String>,
+}
+
+/// A page of hosts, by name.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPage {
+    pub items: Vec<Host>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// One event of the log, as an org's member sees it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Position in the global log; increasing, with gaps (other orgs' events).
+    pub seq: u64,
+    /// The event type (docs/specs/state/event-types.md).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `org`, `app`, `host` or `instance`, and its id.
+    pub stream: String,
+    pub stream_id: String,
+    /// The payload, as catalogued.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub data: serde_json::Value,
+    /// Who caused it: `token:<id>`, `system:reconciler`, ...
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
+    pub recorded_at: UnixMillis,
+}
+
+/// A page of events, oldest first.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventPage {
+    pub items: Vec<EventRecord>,
+    /// Always present: pass it to read on (or to follow) from where this page ended. A page
+    /// may be short, or empty, while later pages still have events.
+    pub next_cursor: String,
+}
+
+/// Query of `GET /v1/events`.
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventsQuery {
+    /// Most events in the page (1 to 500; default 100). Ignored with `follow`.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
+    pub limit: Option<u32>,
+    /// Opaque: a `next_cursor`. Absent: from the start of the log.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// Keep the response open and stream events as JSON lines (`application/x-ndjson`).
+    #[serde(default)]
+    pub follow: Option<bool>,
+}
+
 /// Labels for a `kiln status` table.
 pub type Labels = BTreeMap<String, String>;
 
 /// `GET /v1/apps/{app}/ips`: the app's public addresses beyond the shared TLS ones.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppIps {
     /// Dedicated IPv4 addresses (the add-on): every port of each is the app's.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>, format = "ipv4"))]
     pub dedicated_ipv4: Vec<std::net::Ipv4Addr>,
     /// Public ports the app owns on the shared addresses (its `tcp` services' `ports`).
     pub shared_ports: Vec<u16>,
 }
 
 /// `POST /v1/apps/{app}/ips`: what to allocate.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocateIp {
     /// `v4`: a dedicated IPv4 address (the only kind: IPv6 is per instance, always).
@@ -283,12 +465,15 @@ pub struct AllocateIp {
 }
 
 /// The allocated address.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocatedIp {
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = "ipv4"))]
     pub address: std::net::Ipv4Addr,
 }
 
 /// `GET /v1/hosts`: one host as its operator sees it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostInfo {
     pub id: kiln_types::HostId,
@@ -305,16 +490,19 @@ pub struct HostInfo {
 }
 
 /// `POST /v1/apps/{app}/rollback`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollback {
     /// The release to restore; default: the newest healthy release before the current one.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = i64, minimum = 1))]
     pub version: Option<u64>,
 }
 
 // ---- Auth: tokens and device login (RFC 8628). See docs/specs/api/auth.md. ----
 
 /// A user, as other resources refer to one.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRef {
     pub id: UserId,
@@ -322,6 +510,7 @@ pub struct UserRef {
 }
 
 /// `POST /v1/tokens`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CreateToken {
     pub name: String,
@@ -341,6 +530,7 @@ pub struct CreateToken {
 }
 
 /// A token as listed: never its secret.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenInfo {
     pub id: TokenId,
@@ -361,6 +551,7 @@ pub struct TokenInfo {
 }
 
 /// The answer to `POST /v1/tokens`: the only time the secret is shown.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreatedToken {
     pub token: TokenInfo,
@@ -371,6 +562,7 @@ pub struct CreatedToken {
 pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 /// `POST /v1/device/code`, form-encoded (RFC 8628 section 3.1).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceCodeRequest {
     pub client_id: String,
@@ -382,6 +574,7 @@ pub struct DeviceCodeRequest {
 }
 
 /// The device authorization response (RFC 8628 section 3.2).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceAuthorization {
     pub device_code: String,
@@ -395,6 +588,7 @@ pub struct DeviceAuthorization {
 }
 
 /// `POST /v1/device/token`, form-encoded (RFC 8628 section 3.4).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceTokenRequest {
     pub grant_type: String,
@@ -403,6 +597,7 @@ pub struct DeviceTokenRequest {
 }
 
 /// A successful device access token response (RFC 6749 section 5.1).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceAccessToken {
     pub access_token: String,
@@ -416,6 +611,7 @@ pub struct DeviceAccessToken {
 /// An OAuth error response (RFC 6749 section 5.2, codes of RFC 8628 section 3.5):
 /// `authorization_pending`, `slow_down`, `access_denied`, `expired_token`, `invalid_grant`,
 /// `invalid_request`, `unsupported_grant_type`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OAuthError {
     pub error: String,
@@ -427,6 +623,7 @@ pub struct OAuthError {
 }
 
 /// The verification page's form (`POST /v1/device`, form-encoded).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeviceApproval {
     /// Must equal the page's CSRF cookie.
@@ -447,6 +644,7 @@ pub struct DeviceApproval {
 }
 
 /// `GET /v1/device` query: a prefilled user code (from `verification_uri_complete`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DevicePageQuery {
     #[serde(default)]

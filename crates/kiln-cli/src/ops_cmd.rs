@@ -100,7 +100,16 @@ pub async fn hosts(cmd: HostsCmd) -> Result<(), CliError> {
     let c = client(&context::current()?)?;
     match cmd {
         HostsCmd::List { json } => {
-            let hosts = c.hosts().await?;
+            let mut hosts = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = c.list_hosts(cursor.as_deref()).await?;
+                hosts.extend(page.items);
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
             if json {
                 println!(
                     "{}",
@@ -109,20 +118,18 @@ pub async fn hosts(cmd: HostsCmd) -> Result<(), CliError> {
                 return Ok(());
             }
             println!(
-                "{:<26} {:<12} {:<9} {:<8} {:>6} {:>9} {:>9} {:>8} REASON",
-                "ID", "NAME", "STATE", "DRIVER", "CPUS", "MEMORY", "INSTANCES", "SILENT"
+                "{:<26} {:<12} {:<9} {:<8} {:>6} {:>10} REASON",
+                "ID", "NAME", "STATE", "DRIVER", "CPUS", "MEMORY"
             );
             for h in hosts {
                 println!(
-                    "{:<26} {:<12} {:<9} {:<8} {:>6.1} {:>6} MiB {:>9} {:>7}s {}",
+                    "{:<26} {:<12} {:<9} {:<8} {:>6.1} {:>6} MiB {}",
                     h.id,
                     h.name,
                     h.state.as_str(),
                     h.driver,
                     f64::from(h.cpu.0) / 1000.0,
                     h.memory.0,
-                    h.instances,
-                    h.silent_ms / 1000,
                     h.state_reason.as_deref().unwrap_or("")
                 );
             }

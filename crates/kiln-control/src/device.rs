@@ -199,6 +199,11 @@ fn secs(d: std::time::Duration) -> u64 {
     d.as_secs().max(1)
 }
 
+#[utoipa::path(post, path = "/v1/device/code", tag = "auth",
+    request_body(content = kiln_api::DeviceCodeRequest, content_type = "application/x-www-form-urlencoded"),
+    security(()),
+    responses((status = 200, description = "RFC 8628 device authorization.", body = kiln_api::DeviceAuthorization),
+        (status = 400, description = "OAuth error.", body = kiln_api::OAuthError)))]
 pub(crate) async fn device_code(
     State(c): Ctl,
     headers: HeaderMap,
@@ -291,6 +296,11 @@ fn oauth_error(error: &str, description: &str, interval: Option<u64>) -> Respons
     resp
 }
 
+#[utoipa::path(post, path = "/v1/device/token", tag = "auth",
+    request_body(content = kiln_api::DeviceTokenRequest, content_type = "application/x-www-form-urlencoded"),
+    security(()),
+    responses((status = 200, description = "The token, once approved.", body = kiln_api::DeviceAccessToken),
+        (status = 400, description = "authorization_pending, slow_down, access_denied, expired_token.", body = kiln_api::OAuthError)))]
 pub(crate) async fn device_token(
     State(c): Ctl,
     form: Result<Form<DeviceTokenRequest>, FormRejection>,
@@ -458,6 +468,12 @@ fn message(status: StatusCode, title: &str, text: &str) -> Response {
     )
 }
 
+#[utoipa::path(get, path = "/v1/device", tag = "auth",
+    params(("user_code" = Option<String>, Query, description = "Prefills the form")),
+    security(()),
+    responses((status = 200, description = "The verification page (HTML form).", body = String, content_type = "text/html"),
+        (status = 400, description = "A bad user code (HTML).", body = String, content_type = "text/html"),
+        (status = 429, description = "Too many attempts (HTML).", body = String, content_type = "text/html")))]
 pub(crate) async fn device_page(State(c): Ctl, Query(q): Query<DevicePageQuery>) -> Response {
     let csrf = random_string(b"abcdefghijklmnopqrstuvwxyz234567", 32);
     let secure = c
@@ -522,6 +538,13 @@ fn origin_ok(c: &Control, headers: &HeaderMap) -> bool {
     }
 }
 
+#[utoipa::path(post, path = "/v1/device", tag = "auth",
+    request_body(content = kiln_api::DeviceApproval, content_type = "application/x-www-form-urlencoded"),
+    security(()),
+    responses((status = 200, description = "The outcome page (HTML).", body = String, content_type = "text/html"),
+        (status = 400, description = "An incomplete form (HTML).", body = String, content_type = "text/html"),
+        (status = 403, description = "A forged or expired form (HTML).", body = String, content_type = "text/html"),
+        (status = 429, description = "Too many attempts (HTML).", body = String, content_type = "text/html")))]
 pub(crate) async fn device_submit(
     State(c): Ctl,
     headers: HeaderMap,

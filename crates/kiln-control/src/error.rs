@@ -34,6 +34,10 @@ impl ControlError {
     }
 }
 
+/// The problem `code` of an error response, as a response extension (read by the audit layer).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProblemCode(pub &'static str);
+
 /// An error answered to an API client: status, stable code, human detail.
 #[derive(Debug)]
 pub(crate) struct ApiFailure {
@@ -102,11 +106,13 @@ impl IntoResponse for ApiFailure {
             request_id: None,
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();
-        (
+        let mut resp = (
             self.status,
             [(axum::http::header::CONTENT_TYPE, PROBLEM_JSON)],
             body,
         )
-            .into_response()
+            .into_response();
+        resp.extensions_mut().insert(ProblemCode(self.code));
+        resp
     }
 }

@@ -96,13 +96,17 @@ async fn host(c: &Control, id: &str) -> ApiResult<HostRow> {
         .ok_or_else(|| ApiFailure::not_found("host", id))
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{host}/heartbeat", tag = "hosts",
+    params(("host" = String, Path, description = "Host id or name")),
+    security(("bearer" = ["host"])),
+    responses((status = 200, description = "Recorded; a down host becomes ready.", body = Object)))]
 pub(crate) async fn heartbeat(
     State(c): State<Arc<Control>>,
     p: Principal,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    p.require(Scope::Host)?;
+    crate::api::require_infra(&c, &p, Scope::Host).await?;
     let row = host(&c, &id).await?;
     c.heartbeats.beat(&row.id);
     if row.state == HostState::Down {
@@ -150,26 +154,6 @@ fn info(c: &Control, h: HostRow, instances: usize) -> HostInfo {
     }
 }
 
-pub(crate) async fn list(
-    State(c): State<Arc<Control>>,
-    p: Principal,
-) -> ApiResult<Json<Vec<HostInfo>>> {
-    require_operator(&c, &p).await?;
-    let instances = c.store.all_instances().await?;
-    let rows = c.store.hosts().await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|h| {
-                let n = instances
-                    .iter()
-                    .filter(|i| i.host_id == h.id && i.desired_running && !i.state.is_terminal())
-                    .count();
-                info(&c, h, n)
-            })
-            .collect(),
-    ))
-}
-
 async fn set_state(
     c: &Control,
     p: &Principal,
@@ -208,6 +192,10 @@ async fn set_state(
     Ok(Json(info(c, row, 0)))
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{host}/drain", tag = "hosts",
+    params(("host" = String, Path, description = "Host id or name")),
+    security(("bearer" = ["admin"])),
+    responses((status = 200, description = "The host, draining. Operator org only.", body = kiln_api::HostInfo)))]
 pub(crate) async fn drain(
     State(c): State<Arc<Control>>,
     p: Principal,
@@ -217,6 +205,10 @@ pub(crate) async fn drain(
     set_state(&c, &p, &headers, &id, HostState::Draining).await
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{host}/ready", tag = "hosts",
+    params(("host" = String, Path, description = "Host id or name")),
+    security(("bearer" = ["admin"])),
+    responses((status = 200, description = "The host, ready. Operator org only.", body = kiln_api::HostInfo)))]
 pub(crate) async fn undrain(
     State(c): State<Arc<Control>>,
     p: Principal,

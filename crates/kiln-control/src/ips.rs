@@ -21,6 +21,10 @@ use crate::Control;
 
 type ApiResult<T> = Result<T, ApiFailure>;
 
+#[utoipa::path(get, path = "/v1/apps/{app}/ips", tag = "apps",
+    params(("app" = String, Path, description = "App name")),
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "The app's dedicated IPv4 addresses and shared ports.", body = kiln_api::AppIps)))]
 pub(crate) async fn list(
     State(c): State<Arc<Control>>,
     p: Principal,
@@ -46,6 +50,10 @@ pub(crate) async fn list(
     Ok(Json(ips))
 }
 
+#[utoipa::path(post, path = "/v1/apps/{app}/ips", tag = "apps", request_body = kiln_api::AllocateIp,
+    params(("app" = String, Path, description = "App name"), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for 24 h")),
+    security(("bearer" = ["deploy"])),
+    responses((status = 201, description = "The allocated dedicated IPv4.", body = kiln_api::AllocatedIp)))]
 pub(crate) async fn allocate(
     State(c): State<Arc<Control>>,
     p: Principal,
@@ -160,6 +168,10 @@ pub(crate) async fn allocate(
     ))
 }
 
+#[utoipa::path(delete, path = "/v1/apps/{app}/ips/{address}", tag = "apps",
+    params(("app" = String, Path, description = "App name"), ("address" = String, Path, description = "The IPv4 address")),
+    security(("bearer" = ["deploy"])),
+    responses((status = 200, description = "Released.", body = Object)))]
 pub(crate) async fn release(
     State(c): State<Arc<Control>>,
     p: Principal,

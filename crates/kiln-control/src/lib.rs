@@ -1,9 +1,10 @@
 //! The Kiln control plane.
 //!
 //! This crate owns the HTTP API under `/v1` (authentication, tenancy, request ids, problem
-//! responses), the decisions that turn requests into events (apps, releases, host registration,
-//! instance reports), and the reconciler that drives releases to running instances through the
-//! scheduler. State lives in `kiln-store`; placement math in `kiln-scheduler`; image resolution in
+//! responses, pagination, idempotency, rate limits, the audit trail) and its OpenAPI document
+//! generated from the handlers ([`openapi_yaml`]), the decisions that turn requests into events
+//! (apps, releases, host registration, instance reports), and the reconciler that drives releases
+//! to running instances through the scheduler. State lives in `kiln-store`; placement math in `kiln-scheduler`; image resolution in
 //! `kiln-oci`. It never runs workloads or proxies traffic: agents and edges do, talking to this
 //! crate only over the API.
 
@@ -28,6 +29,7 @@ use std::time::Duration;
 use kiln_store::Store;
 use kiln_types::OrgId;
 
+pub use api::{openapi_document, openapi_yaml, RateLimit};
 pub use auth::{generate_token, hash_token, Scope};
 pub use clock::Clock;
 pub use error::ControlError;
@@ -63,6 +65,8 @@ pub struct ControlConfig {
     /// Where the master keys of secrets encryption come from; without one, the secrets routes
     /// answer `secrets_unavailable`.
     pub master_key: Option<secrets::MasterKeySource>,
+    /// Requests per bearer token.
+    pub rate_limit: RateLimit,
 }
 
 impl Default for ControlConfig {
@@ -80,6 +84,7 @@ impl Default for ControlConfig {
             login_token_ttl: Duration::from_secs(7 * 24 * 3600),
             public_url: None,
             master_key: None,
+            rate_limit: RateLimit::default(),
         }
     }
 }
@@ -96,6 +101,11 @@ pub struct Control {
     /// When each token last had a `token_used` event appended by this replica.
     pub(crate) token_touches: std::sync::Mutex<std::collections::HashMap<kiln_types::TokenId, i64>>,
     pub(crate) keyring: Option<Arc<secrets::Keyring>>,
+    pub(crate) rate_limiter: api::RateLimiter,
+    pub(crate) idempotency: api::IdempotencyCache,
+    /// The first org created: it runs the platform, so only its tokens may act as hosts and
+    /// edges (their routes see every org's workloads).
+    pub(crate) operator: tokio::sync::OnceCell<OrgId>,
 }
 
 /// What first start created: the one org and its admin token (shown once, stored only as a hash).
@@ -122,13 +132,16 @@ impl Control {
         Ok(Arc::new(Control {
             keyring,
             store,
-            config,
             registry,
             logs: logs::LogStore::new(),
             exec: exec::ExecBroker::default(),
             heartbeats: hosts::Heartbeats::default(),
             device: device::DeviceFlows::default(),
             token_touches: Default::default(),
+            rate_limiter: api::RateLimiter::new(config.rate_limit),
+            idempotency: api::IdempotencyCache::default(),
+            operator: tokio::sync::OnceCell::new(),
+            config,
         }))
     }
 

@@ -55,7 +55,7 @@ fn metadata(p: &Principal, headers: &HeaderMap) -> Metadata {
 
 async fn owned_app(c: &Control, p: &Principal, name: &str) -> ApiResult<AppRow> {
     match c.store.app_by_name(name.to_owned()).await? {
-        Some(app) if app.org_id == p.org_id => Ok(app),
+        Some(app) if app.org_id == p.org_id && p.allows_app(&app.id) => Ok(app),
         _ => Err(ApiFailure::not_found("app", name)),
     }
 }
@@ -76,7 +76,11 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     })
 }
 
-async fn list(
+#[utoipa::path(get, path = "/v1/apps/{app}/secrets", tag = "secrets",
+    params(("app" = String, Path, description = "App name"), ("env" = Option<String>, Query, description = "Environment (default production)")),
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "Names, versions, digests; never values.", body = kiln_api::secrets::SecretList)))]
+pub(crate) async fn list(
     State(c): Ctl,
     p: Principal,
     Path(app): Path<String>,
@@ -114,7 +118,11 @@ async fn list(
     }))
 }
 
-async fn set(
+#[utoipa::path(post, path = "/v1/apps/{app}/secrets", tag = "secrets", request_body = kiln_api::secrets::SetSecrets,
+    params(("app" = String, Path, description = "App name"), ("env" = Option<String>, Query, description = "Environment (default production)"), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for 24 h")),
+    security(("bearer" = ["secrets:write"])),
+    responses((status = 201, description = "A new secrets version.", body = kiln_api::secrets::SecretsChanged)))]
+pub(crate) async fn set(
     State(c): Ctl,
     p: Principal,
     Path(app): Path<String>,
@@ -169,7 +177,11 @@ async fn set(
     ))
 }
 
-async fn unset(
+#[utoipa::path(post, path = "/v1/apps/{app}/secrets/unset", tag = "secrets", request_body = kiln_api::secrets::UnsetSecrets,
+    params(("app" = String, Path, description = "App name"), ("env" = Option<String>, Query, description = "Environment (default production)"), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for 24 h")),
+    security(("bearer" = ["secrets:write"])),
+    responses((status = 200, description = "A new secrets version.", body = kiln_api::secrets::SecretsChanged)))]
+pub(crate) async fn unset(
     State(c): Ctl,
     p: Principal,
     Path(app): Path<String>,
@@ -215,7 +227,11 @@ async fn unset(
     }))
 }
 
-async fn render(
+#[utoipa::path(get, path = "/v1/apps/{app}/secrets/render", tag = "secrets",
+    params(("app" = String, Path, description = "App name"), ("env" = Option<String>, Query, description = "Environment (default production)"), ("reveal" = Option<bool>, Query, description = "Show values (needs secrets:read)")),
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "The file instances receive; values masked unless revealed.", body = kiln_api::secrets::RenderedSecrets)))]
+pub(crate) async fn render(
     State(c): Ctl,
     p: Principal,
     Path(app): Path<String>,
@@ -259,13 +275,17 @@ async fn render(
 
 /// The agent's fetch: the secrets file of an instance placed on this host, at the version its
 /// release pins (or newer, for `reload = "signal"`). Audited as `secrets_delivered`.
-async fn instance_file(
+#[utoipa::path(get, path = "/v1/hosts/{host}/instances/{instance}/secrets", tag = "hosts",
+    params(("host" = String, Path, description = "Host id"), ("instance" = String, Path, description = "Instance id")),
+    security(("bearer" = ["host"])),
+    responses((status = 200, description = "The instance's secrets file (values in plaintext).", body = kiln_types::secrets::SecretsFile)))]
+pub(crate) async fn instance_file(
     State(c): Ctl,
     p: Principal,
     headers: HeaderMap,
     Path((host, instance)): Path<(String, String)>,
 ) -> ApiResult<Json<SecretsFile>> {
-    p.require(Scope::Host)?;
+    crate::api::require_infra(&c, &p, Scope::Host).await?;
     let not_found = || ApiFailure::not_found("instance", &instance);
     let host: HostId = host.parse().map_err(|_| not_found())?;
     let id: InstanceId = instance.parse().map_err(|_| not_found())?;

@@ -49,6 +49,8 @@ fn metadata(p: &Principal, headers: &HeaderMap) -> Metadata {
     }
 }
 
+#[utoipa::path(get, path = "/v1/whoami", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "The caller: token, org, user and role, scopes, app, expiry.", body = kiln_api::WhoAmI)))]
 pub(crate) async fn whoami(State(c): Ctl, p: Principal) -> ApiResult<Json<WhoAmI>> {
     let org_name = c.store.org(p.org_id.clone()).await?.map(|o| o.name);
     let (user, role) = match &p.user_id {
@@ -112,6 +114,10 @@ fn may_see(p: &Principal, row: &TokenRow) -> bool {
             || (p.user_id.is_some() && row.user_id == p.user_id))
 }
 
+#[utoipa::path(post, path = "/v1/tokens", tag = "auth", request_body = kiln_api::CreateToken,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for 24 h")),
+    security(("bearer" = ["admin"])),
+    responses((status = 201, description = "The token; its secret is shown only here.", body = kiln_api::CreatedToken)))]
 pub(crate) async fn create_token(
     State(c): Ctl,
     p: Principal,
@@ -258,6 +264,8 @@ pub(crate) async fn create_token(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/tokens", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "The caller's tokens (every token of the org for admin); never secrets.", body = Vec<kiln_api::TokenInfo>)))]
 pub(crate) async fn list_tokens(State(c): Ctl, p: Principal) -> ApiResult<Json<Vec<TokenInfo>>> {
     let apps: std::collections::BTreeMap<_, _> = c
         .store
@@ -278,6 +286,10 @@ pub(crate) async fn list_tokens(State(c): Ctl, p: Principal) -> ApiResult<Json<V
     ))
 }
 
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "auth",
+    params(("id" = String, Path, description = "Token id")),
+    security(("bearer" = ["admin"])),
+    responses((status = 200, description = "The revoked token.", body = kiln_api::TokenInfo)))]
 pub(crate) async fn revoke_token(
     State(c): Ctl,
     p: Principal,
@@ -291,8 +303,17 @@ pub(crate) async fn revoke_token(
         .store
         .token_by_id(token_id.clone())
         .await?
-        .filter(|r| may_see(&p, r))
+        .filter(|r| r.org_id == p.org_id)
         .ok_or_else(|| ApiFailure::not_found("token", &id))?;
+    // Any token may revoke itself (and a user's token the user's others); anything else in the
+    // org needs admin. Another org's tokens answered 404 above.
+    if !may_see(&p, &row) {
+        return Err(ApiFailure::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            "revoking another token of the org needs an admin token (not restricted to an app)",
+        ));
+    }
     if row.revoked_at.is_none() {
         c.store
             .append(Append {

@@ -697,6 +697,8 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
         }
         // Audit only: recorded in the log, no view.
         Event::SecretsDelivered { .. } => vec![],
+        // The audit trail is read from the log itself.
+        Event::AuditRecorded { .. } => vec![],
     }
 }
 

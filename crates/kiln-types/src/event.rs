@@ -43,6 +43,7 @@ pub struct StreamRef {
 }
 
 /// Lifecycle of a release's deploy.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseState {
@@ -78,6 +79,7 @@ impl ReleaseState {
 }
 
 /// Which runtime a host's agent uses.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
@@ -97,6 +99,7 @@ impl Driver {
 }
 
 /// Whether a host takes work (the scheduler places only on `ready` hosts).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
@@ -314,10 +317,28 @@ pub enum Event {
         host_id: HostId,
         version: u64,
     },
+    /// A mutating API request finished: who asked for what, and how it ended. Recorded for
+    /// every outcome, including refusals, so the org's event list is its audit trail.
+    AuditRecorded {
+        org_id: OrgId,
+        /// `token:<id>`.
+        actor: String,
+        /// `<METHOD> <route>`, e.g. `POST /v1/apps/{app}/releases`.
+        action: String,
+        /// The request path as sent, e.g. `/v1/apps/web/releases`.
+        target: String,
+        /// `succeeded` (2xx), `refused` (4xx) or `failed` (5xx).
+        outcome: String,
+        status: u16,
+        /// The problem `code` of a refusal or failure.
+        #[serde(default)]
+        code: Option<String>,
+    },
 }
 
 /// What a member may do in an org; each role maps to a fixed set of token scopes
 /// (docs/security/02-authz-and-scopes.md).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -371,6 +392,7 @@ impl Event {
         "secrets_set",
         "secrets_unset",
         "secrets_delivered",
+        "audit_recorded",
     ];
 
     /// The payload schema version this build writes for an event type (`None` for a type it does
@@ -462,6 +484,7 @@ impl Event {
             Self::SecretsSet { .. } => "secrets_set",
             Self::SecretsUnset { .. } => "secrets_unset",
             Self::SecretsDelivered { .. } => "secrets_delivered",
+            Self::AuditRecorded { .. } => "audit_recorded",
         }
     }
 
@@ -470,6 +493,7 @@ impl Event {
         let (kind, id) = match self {
             Self::OrgCreated { org_id, .. }
             | Self::TokenCreated { org_id, .. }
+            | Self::AuditRecorded { org_id, .. }
             | Self::DataKeyCreated { org_id, .. }
             | Self::DataKeyRewrapped { org_id, .. }
             | Self::TokenRevoked { org_id, .. }

@@ -35,6 +35,7 @@ const HEADER_LEN: usize = 4;
 const BODY_MIN: usize = 5;
 
 /// Which output a log record or data frame came from.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Output {

@@ -56,6 +56,7 @@ pub fn check_dns_label(name: &str, max: usize) -> Result<(), NameError> {
 
 /// An app name: a DNS label of at most 63 characters, unique within the platform (it is the first
 /// label of the app's default hostname).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct AppName(String);

@@ -28,6 +28,7 @@ pub const MAX_SECRETS: usize = 256;
 pub const DEFAULT_ENV: &str = "production";
 
 /// A secret's name: environment-variable rules, `[A-Z_][A-Z0-9_]*`, at most [`MAX_NAME_LEN`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SecretName(String);
@@ -90,6 +91,7 @@ impl fmt::Display for SecretName {
 /// One secret value as the event log stores it: encrypted with the org's data key `key_id`,
 /// bound by the AEAD's associated data to (org, app, env, name, version), so a blob moved to
 /// another name, app or version fails to decrypt.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedSecret {
     pub name: SecretName,
@@ -104,6 +106,7 @@ pub struct SealedSecret {
 
 /// The secrets file an instance reads at [`SECRETS_PATH`]. The only place values appear in
 /// plaintext outside the control plane's memory.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretsFile {
     /// The environment's secrets version this file holds.

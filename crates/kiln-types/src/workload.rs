@@ -57,6 +57,7 @@ pub mod capability {
 }
 
 /// An image pinned by digest: the reference the user gave, and the manifest digest it resolved to.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRef {
     /// Registry host (with port), e.g. `127.0.0.1:5000` or `registry-1.docker.io`.
@@ -73,6 +74,7 @@ impl fmt::Display for ImageRef {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceProtocol {
@@ -92,6 +94,7 @@ impl ServiceProtocol {
 }
 
 /// How many connections one instance takes through the edge.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Concurrency {
     /// Above this many open connections the edge prefers other instances.
@@ -446,6 +449,7 @@ impl WorkloadSpec {
 }
 
 /// Lifecycle of an instance as the control plane records it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
