@@ -770,8 +770,21 @@ async fn routes(
             concurrency: Some(svc.concurrency),
         })
     }
+    // A blue-green deploy's new set gets traffic only once all of it is healthy (the release
+    // is then `healthy`): until then, its instances are not routed.
+    let unrouted: Vec<ReleaseId> = c
+        .store
+        .releases_in_state(ReleaseState::Deploying)
+        .await?
+        .into_iter()
+        .filter(|r| r.manifest["deploy"]["strategy"] == "bluegreen")
+        .map(|r| r.id)
+        .collect();
     for inst in c.store.all_instances().await? {
-        if inst.state != kiln_types::InstanceState::Healthy || !inst.desired_running {
+        if inst.state != kiln_types::InstanceState::Healthy
+            || !inst.desired_running
+            || unrouted.contains(&inst.release_id)
+        {
             continue;
         }
         let Some(app) = apps.get(&inst.app_id) else {
