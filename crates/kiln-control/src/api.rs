@@ -770,20 +770,28 @@ async fn routes(
             concurrency: Some(svc.concurrency),
         })
     }
-    // A blue-green deploy's new set gets traffic only once all of it is healthy (the release
-    // is then `healthy`): until then, its instances are not routed.
-    let unrouted: Vec<ReleaseId> = c
+    // Traffic goes to the serving (healthy) release and to deploys that replace instances in
+    // place; a blue-green deploy's new set only once all of it is healthy (the release is then
+    // `healthy` and the old one `superseded`, its instances stopping).
+    let mut routed: std::collections::BTreeSet<ReleaseId> = c
         .store
-        .releases_in_state(ReleaseState::Deploying)
+        .releases_in_state(ReleaseState::Healthy)
         .await?
         .into_iter()
-        .filter(|r| r.manifest["deploy"]["strategy"] == "bluegreen")
         .map(|r| r.id)
         .collect();
+    routed.extend(
+        c.store
+            .releases_in_state(ReleaseState::Deploying)
+            .await?
+            .into_iter()
+            .filter(|r| r.manifest["deploy"]["strategy"] != "bluegreen")
+            .map(|r| r.id),
+    );
     for inst in c.store.all_instances().await? {
         if inst.state != kiln_types::InstanceState::Healthy
             || !inst.desired_running
-            || unrouted.contains(&inst.release_id)
+            || !routed.contains(&inst.release_id)
         {
             continue;
         }
