@@ -15,7 +15,7 @@ use kiln_control::{Control, ControlConfig, Reconciler, Scope};
 use kiln_scheduler::fair::Limits;
 use kiln_store::{Append, InstanceRow, Metadata, NewEvent, ReleaseRow, Store};
 use kiln_types::event::{Driver, Event, ReleaseState};
-use kiln_types::{AppId, HostId, ImageRef, InstanceState, MiB, MilliCpu, OrgId, ReleaseId};
+use kiln_types::{AppId, ImageRef, InstanceState, MiB, MilliCpu, OrgId, ReleaseId};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -23,7 +23,6 @@ struct Fixture {
     control: Arc<Control>,
     url: String,
     agent: Client,
-    host: HostId,
 }
 
 async fn serve(control: &Arc<Control>) -> String {
@@ -48,7 +47,7 @@ async fn fixture() -> Fixture {
         .await
         .unwrap();
     let agent = Client::new(&url, &token).unwrap();
-    let host = agent
+    agent
         .register_host(&RegisterHost {
             name: "a".into(),
             driver: Driver::Runc,
@@ -56,15 +55,13 @@ async fn fixture() -> Fixture {
             memory: MiB(65_536),
         })
         .await
-        .unwrap()
-        .host_id;
+        .unwrap();
     Fixture {
         dir,
         store,
         control,
         url,
         agent,
-        host,
     }
 }
 
@@ -468,5 +465,4 @@ async fn one_orgs_huge_deploy_does_not_starve_another() {
         6,
         "the rest follows pass by pass"
     );
-    let _ = fx.host;
 }
