@@ -2,15 +2,21 @@
 //!
 //! It is level-triggered: each pass reads the views, compares desired with actual, and appends the
 //! events that close the gap. A pass is idempotent (running it twice appends nothing new the second
-//! time) and keeps no state between passes, so a control plane killed mid-deploy resumes where the
-//! log says it was.
+//! time) and keeps no state between passes but the fair queue's rotation, so a control plane
+//! killed mid-deploy resumes where the log says it was.
 //!
-//! Per app, a deploy proceeds like this:
-//! 1. the newest `deploying` release gets its instances placed (one `instance_placed` each);
-//! 2. when all of them report healthy, it becomes `healthy` and the previous healthy release is
-//!    `superseded`, which requests a stop of its instances;
-//! 3. if any instance fails, or the health timeout passes, the release is `failed` and its
-//!    instances are stopped; the previous release was never touched, so it keeps serving.
+//! Per app, a deploy proceeds like this (docs/specs/scheduler/reconciliation-loop.md):
+//! 1. each pass, per process group, `kiln_scheduler::rollout::plan` gives the next step under the
+//!    manifest's `deploy.strategy` (rolling, canary, blue-green, immediate) from both releases'
+//!    instances: new instances to place, old ones to stop; the progress becomes the release's
+//!    reason;
+//! 2. when every group is done (blue-green: the full new set is healthy), the release becomes
+//!    `healthy` and the previous one `superseded`, which stops its instances;
+//! 3. if a new instance fails, or the health timeout passes first, the release is `failed` and
+//!    its instances stop; with `auto_rollback`, the previous release gets back its count at once.
+//!
+//! Placements go out through `kiln_scheduler::fair::FairQueue`, bounded per pass and shared
+//! between orgs; what does not fit in a pass is computed again by the next one.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -625,6 +631,7 @@ impl<'a> Plan<'a> {
                         self.want(app_id, rel, &manifest, name, *n, Purpose::Deploy)
                     }
                     Action::StopOld(ids) | Action::StopNew(ids) => {
+                        let ids: std::collections::BTreeSet<&InstanceId> = ids.iter().collect();
                         for i in prev_insts.iter().chain(insts) {
                             if ids.contains(&i.id) {
                                 old_stopping += usize::from(i.release_id != rel.id);
@@ -647,8 +654,11 @@ impl<'a> Plan<'a> {
                 .count()
         };
         let new_healthy: usize = pieces.iter().map(|p| count(&p.4, true)).sum();
-        let old_live: usize =
-            pieces.iter().map(|p| count(&p.3, false)).sum::<usize>() - old_stopping;
+        let old_live = pieces
+            .iter()
+            .map(|p| count(&p.3, false))
+            .sum::<usize>()
+            .saturating_sub(old_stopping);
         let progress = format!(
             "{}: {new_healthy} of {} new instance(s) healthy, {old_live} old running",
             manifest.deploy.strategy.as_str(),
