@@ -305,6 +305,15 @@ impl Reconciler {
                 "placements left for a later pass"
             );
         }
+        let mut leaving_apps: std::collections::BTreeSet<AppId> = instances
+            .iter()
+            .filter(|i| !i.desired_running && !i.state.is_terminal())
+            .map(|i| i.app_id.clone())
+            .collect();
+        leaving_apps.extend(plan.events.iter().filter_map(|e| match e {
+            Event::InstanceStopRequested { app_id, .. } => Some(app_id.clone()),
+            _ => None,
+        }));
         let mut failed: Vec<&kiln_types::ReleaseId> = Vec::new();
         for (_, w) in taken.admitted {
             if failed.contains(&&w.rel.id) {
@@ -315,6 +324,13 @@ impl Reconciler {
             };
             if let Err(reason) = plan.place(w.rel, &w.manifest, group) {
                 match w.purpose {
+                    // Instances of the app still on their way out hold room the deploy may
+                    // need (memory is a hard cap, so it is not freed before they stop): wait
+                    // for them, under the deploy's deadline.
+                    Purpose::Deploy if leaving_apps.contains(&w.app) => {
+                        tracing::info!(release_id = %w.rel.id, reason = %reason, "placement waits for stopping instances");
+                        failed.push(&w.rel.id);
+                    }
                     Purpose::Deploy => {
                         plan.release_state(&w.app, w.rel, ReleaseState::Failed, Some(reason));
                         let insts = by_release.get(&w.rel.id).cloned().unwrap_or_default();

@@ -34,6 +34,10 @@ async fn serve(control: &Arc<Control>) -> String {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with_memory(MiB(65_536)).await
+}
+
+async fn fixture_with_memory(memory: MiB) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_sqlite(&dir.path().join("kiln.db"))
         .await
@@ -52,7 +56,7 @@ async fn fixture() -> Fixture {
             name: "a".into(),
             driver: Driver::Runc,
             cpu: MilliCpu(64_000),
-            memory: MiB(65_536),
+            memory,
         })
         .await
         .unwrap();
@@ -465,4 +469,34 @@ async fn one_orgs_huge_deploy_does_not_starve_another() {
         6,
         "the rest follows pass by pass"
     );
+}
+
+#[tokio::test]
+async fn immediate_on_a_full_host_waits_for_the_old_instances_to_stop() {
+    // Room for two instances (256 MiB each plus overhead), not three.
+    let fx = fixture_with_memory(MiB(600)).await;
+    let r = Reconciler::new(fx.control.clone());
+    let app = fx.serving_v1(&r, "web", 2).await;
+    fx.release(&app, 2, &manifest("web", 2, "strategy = \"immediate\""))
+        .await;
+    r.pass().await.unwrap();
+    assert_eq!(
+        fx.rel(&app, 2).await.state,
+        ReleaseState::Deploying,
+        "not failed"
+    );
+    assert!(fx.live(&app, 1).await.is_empty(), "old ones stopping");
+    assert!(fx.live(&app, 2).await.is_empty(), "no room yet");
+    for i in fx.all(&app, 1).await {
+        fx.report(&i, InstanceState::Stopped, None).await;
+    }
+    r.pass().await.unwrap();
+    assert_eq!(
+        fx.live(&app, 2).await.len(),
+        2,
+        "placed once the room is free"
+    );
+    fx.all_healthy(&app, 2).await;
+    r.pass().await.unwrap();
+    assert_eq!(fx.rel(&app, 2).await.state, ReleaseState::Healthy);
 }
