@@ -231,6 +231,13 @@ impl Reconciler {
                 .unwrap_or_default();
             // While a newer release deploys, its rollout decides what the serving one runs.
             let deploying = newest_deploying.is_some_and(|d| newest_healthy.is_none_or(|h| d > h));
+            // Canary and blue-green deploys stop no old instance before they succeed: the
+            // serving release keeps its upkeep (failed instances replaced, drains) meanwhile.
+            let old_kept = deploying
+                && rels
+                    .iter()
+                    .find(|r| Some(r.version) == newest_deploying)
+                    .is_some_and(|r| old_kept_while_deploying(&r.manifest));
             for rel in rels {
                 let insts: Vec<&InstanceRow> = by_release.get(&rel.id).cloned().unwrap_or_default();
                 match rel.state {
@@ -260,7 +267,7 @@ impl Reconciler {
                         plan.release_state(app_id, rel, ReleaseState::Superseded, None);
                         plan.stop_all(&insts, "release superseded");
                     }
-                    ReleaseState::Healthy if deploying => {}
+                    ReleaseState::Healthy if deploying && !old_kept => {}
                     ReleaseState::Healthy => plan.keep_running(rel, &insts),
                     ReleaseState::Superseded | ReleaseState::Failed => {
                         plan.stop_all(&insts, "release no longer serving")
@@ -404,6 +411,14 @@ struct Plan<'a> {
     host_state: &'a BTreeMap<HostId, HostState>,
 }
 
+/// The deploy strategy of a stored manifest stops no old instance before it succeeds.
+fn old_kept_while_deploying(manifest: &serde_json::Value) -> bool {
+    matches!(
+        manifest["deploy"]["strategy"].as_str(),
+        Some("canary" | "bluegreen")
+    )
+}
+
 /// Reason given to instances lost with their host (not counted as the app's own failures).
 const HOST_DOWN_PREFIX: &str = "host ";
 
@@ -485,13 +500,15 @@ impl<'a> Plan<'a> {
         let prev_manifest = prev
             .and_then(|p| serde_json::from_value::<Manifest>(p.manifest.clone()).ok())
             .map(Arc::new);
-        // An old instance that failed during the deploy is not replaced (the rollout counts it
-        // as gone), only cleaned up.
-        for i in prev_insts
-            .iter()
-            .filter(|i| i.desired_running && i.state == InstanceState::Failed)
-        {
-            self.stop(i, "failed during a deploy");
+        // Rolling and immediate: an old instance that failed during the deploy is not replaced
+        // (the rollout counts it as gone), only cleaned up. Otherwise the upkeep does both.
+        if !old_kept_while_deploying(&rel.manifest) {
+            for i in prev_insts
+                .iter()
+                .filter(|i| i.desired_running && i.state == InstanceState::Failed)
+            {
+                self.stop(i, "failed during a deploy");
+            }
         }
         let strategy = |count: u32| match manifest.deploy.strategy {
             // New instances start above the count and old ones stop only as new ones become
@@ -619,7 +636,8 @@ impl<'a> Plan<'a> {
             self.release_state(app_id, rel, ReleaseState::Failed, Some(reason));
             // A failed release never serves: its instances stop whatever `auto_rollback` says.
             self.stop_all(insts, "deploy failed");
-            if manifest.deploy.auto_rollback {
+            // (Canary and blue-green stopped no old instance: the upkeep keeps its count.)
+            if manifest.deploy.auto_rollback && !old_kept_while_deploying(&rel.manifest) {
                 if let (Some(prev), Some(m)) = (prev, &prev_manifest) {
                     for ((name, ..), (input, _)) in pieces.iter().zip(&plans) {
                         for a in rollout::rollback(input) {

@@ -516,3 +516,22 @@ async fn immediate_on_a_full_host_waits_for_the_old_instances_to_stop() {
     r.pass().await.unwrap();
     assert_eq!(fx.rel(&app, 2).await.state, ReleaseState::Healthy);
 }
+
+#[tokio::test]
+async fn during_a_canary_the_serving_release_still_replaces_its_failed_instances() {
+    let fx = fixture().await;
+    let r = Reconciler::new(fx.control.clone());
+    let app = fx.serving_v1(&r, "web", 2).await;
+    fx.release(&app, 2, &manifest("web", 2, "strategy = \"canary\""))
+        .await;
+    r.pass().await.unwrap();
+    let old = fx.live(&app, 1).await;
+    fx.report(&old[0], InstanceState::Failed, Some("exited with code 1"))
+        .await;
+    r.pass().await.unwrap();
+    let now = fx.live(&app, 1).await;
+    assert_eq!(now.len(), 2, "replaced: {now:#?}");
+    assert!(now.iter().all(|i| i.id != old[0].id));
+    assert_eq!(fx.rel(&app, 2).await.state, ReleaseState::Deploying);
+    assert_eq!(fx.live(&app, 2).await.len(), 1, "the canary goes on");
+}
