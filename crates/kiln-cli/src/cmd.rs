@@ -483,7 +483,15 @@ pub(crate) async fn wait_for_release(
                 )
                 .hint("see `kiln status` for instance details"));
             }
-            ReleaseState::Deploying => {}
+            ReleaseState::Deploying => {
+                // The reconciler's progress (strategy, new instances healthy, old running).
+                if let Some(progress) = &rel.reason {
+                    if seen.get("") != Some(progress) {
+                        println!("    {progress}");
+                        seen.insert(String::new(), progress.clone());
+                    }
+                }
+            }
         }
         if Instant::now() > deadline {
             return Err(CliError::new(

@@ -2,20 +2,28 @@
 //!
 //! It is level-triggered: each pass reads the views, compares desired with actual, and appends the
 //! events that close the gap. A pass is idempotent (running it twice appends nothing new the second
-//! time) and keeps no state between passes, so a control plane killed mid-deploy resumes where the
-//! log says it was.
+//! time) and keeps no state between passes but the fair queue's rotation, so a control plane
+//! killed mid-deploy resumes where the log says it was.
 //!
-//! Per app, a deploy proceeds like this:
-//! 1. the newest `deploying` release gets its instances placed (one `instance_placed` each);
-//! 2. when all of them report healthy, it becomes `healthy` and the previous healthy release is
-//!    `superseded`, which requests a stop of its instances;
-//! 3. if any instance fails, or the health timeout passes, the release is `failed` and its
-//!    instances are stopped; the previous release was never touched, so it keeps serving.
+//! Per app, a deploy proceeds like this (docs/specs/scheduler/reconciliation-loop.md):
+//! 1. each pass, per process group, `kiln_scheduler::rollout::plan` gives the next step under the
+//!    manifest's `deploy.strategy` (rolling, canary, blue-green, immediate) from both releases'
+//!    instances: new instances to place, old ones to stop; the progress becomes the release's
+//!    reason;
+//! 2. when every group is done (blue-green: the full new set is healthy), the release becomes
+//!    `healthy` and the previous one `superseded`, which stops its instances;
+//! 3. if a new instance fails, or the health timeout passes first, the release is `failed` and
+//!    its instances stop; with `auto_rollback`, the previous release gets back its count at once.
+//!
+//! Placements go out through `kiln_scheduler::fair::FairQueue`, bounded per pass and shared
+//! between orgs; what does not fit in a pass is computed again by the next one.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kiln_manifest::{Manifest, Process, RestartPolicy};
+use kiln_scheduler::fair::{FairQueue, Limits};
+use kiln_scheduler::rollout::{self, Action, Failure, Outcome, Routes, Strategy};
 use kiln_scheduler::{
     Driver, Group, Host, HostState, Inventory, Policy, Region, Request, Usage, Volumes,
 };
@@ -23,8 +31,8 @@ use kiln_store::{Append, InstanceRow, Metadata, NewEvent, ReleaseRow};
 use kiln_types::event::{Event, ReleaseState};
 use kiln_types::workload::{BootSpec, MetricsSpec, NetworkSpec, SecretsSpec, VmSpec};
 use kiln_types::{
-    now_millis, AppId, HostId, InstanceId, InstanceState, MiB, MilliCpu, StopSpec, WorkloadSpec,
-    WORKLOAD_SPEC_VERSION,
+    now_millis, AppId, HostId, InstanceId, InstanceState, MiB, MilliCpu, OrgId, StopSpec,
+    WorkloadSpec, WORKLOAD_SPEC_VERSION,
 };
 
 use crate::error::ControlError;
@@ -35,11 +43,23 @@ const HOST_REGION: &str = "local";
 
 pub struct Reconciler {
     control: Arc<Control>,
+    limits: Limits,
+    /// The org served last by the fair queue (fair rotation only: losing it loses no work).
+    last_org: Mutex<Option<OrgId>>,
 }
 
 impl Reconciler {
     pub fn new(control: Arc<Control>) -> Self {
-        Self { control }
+        Self::with_limits(control, Limits::default())
+    }
+
+    /// With bounds on the placements of one pass (all orgs, and in flight per org).
+    pub fn with_limits(control: Arc<Control>, limits: Limits) -> Self {
+        Self {
+            control,
+            limits,
+            last_org: Mutex::new(None),
+        }
     }
 
     /// Runs passes forever: after every change to the log, and on a tick for deadlines.
@@ -63,6 +83,10 @@ impl Reconciler {
             .hosts()
             .await
             .map_err(ControlError::store("list hosts"))?;
+        let apps = store
+            .apps(None)
+            .await
+            .map_err(ControlError::store("list apps"))?;
         let instances = store
             .all_instances()
             .await
@@ -158,6 +182,7 @@ impl Reconciler {
             hosts: &hosts,
             shared_ports: &shared_ports,
             host_state: &host_state,
+            wants: Vec::new(),
         };
         // The instances of a down host are lost: stateless ones are marked failed (and replaced
         // below like any failed instance); ones with volumes wait for their host, which holds
@@ -186,8 +211,10 @@ impl Reconciler {
             return self.append(plan.events).await;
         }
         let now = now_millis();
-        for (app_id, mut rels) in releases {
+        for rels in releases.values_mut() {
             rels.sort_by_key(|r| r.version);
+        }
+        for (app_id, rels) in &releases {
             let newest_deploying = rels
                 .iter()
                 .filter(|r| r.state == ReleaseState::Deploying)
@@ -198,12 +225,25 @@ impl Reconciler {
                 .filter(|r| r.state == ReleaseState::Healthy)
                 .map(|r| r.version)
                 .max();
-            for rel in &rels {
+            let prev = newest_healthy.and_then(|v| rels.iter().find(|r| r.version == v));
+            let prev_insts: Vec<&InstanceRow> = prev
+                .and_then(|p| by_release.get(&p.id).cloned())
+                .unwrap_or_default();
+            // While a newer release deploys, its rollout decides what the serving one runs.
+            let deploying = newest_deploying.is_some_and(|d| newest_healthy.is_none_or(|h| d > h));
+            // Canary and blue-green deploys stop no old instance before they succeed: the
+            // serving release keeps its upkeep (failed instances replaced, drains) meanwhile.
+            let old_kept = deploying
+                && rels
+                    .iter()
+                    .find(|r| Some(r.version) == newest_deploying)
+                    .is_some_and(|r| old_kept_while_deploying(&r.manifest));
+            for rel in rels {
                 let insts: Vec<&InstanceRow> = by_release.get(&rel.id).cloned().unwrap_or_default();
                 match rel.state {
                     ReleaseState::Deploying if Some(rel.version) != newest_deploying => {
                         plan.release_state(
-                            &app_id,
+                            app_id,
                             rel,
                             ReleaseState::Superseded,
                             Some(format!(
@@ -214,21 +254,98 @@ impl Reconciler {
                         plan.stop_all(&insts, "release superseded");
                     }
                     ReleaseState::Deploying => plan.deploy_step(
-                        &app_id,
+                        app_id,
                         rel,
-                        &insts,
-                        now,
-                        newest_healthy,
-                        &by_release,
-                        &rels,
+                        DeployCx {
+                            insts: &insts,
+                            now,
+                            prev: prev.filter(|_| deploying),
+                            prev_insts: if deploying { &prev_insts } else { &[] },
+                        },
                     ),
                     ReleaseState::Healthy if Some(rel.version) != newest_healthy => {
-                        plan.release_state(&app_id, rel, ReleaseState::Superseded, None);
+                        plan.release_state(app_id, rel, ReleaseState::Superseded, None);
                         plan.stop_all(&insts, "release superseded");
                     }
+                    ReleaseState::Healthy if deploying && !old_kept => {}
                     ReleaseState::Healthy => plan.keep_running(rel, &insts),
                     ReleaseState::Superseded | ReleaseState::Failed => {
                         plan.stop_all(&insts, "release no longer serving")
+                    }
+                }
+            }
+        }
+
+        // Placements go out through the fair queue: at most `per_pass` in a pass, shared round
+        // robin between orgs, each org bounded by what it already has starting; the rest wait
+        // for a later pass (which computes them again).
+        let org_of: BTreeMap<&AppId, &OrgId> = apps.iter().map(|a| (&a.id, &a.org_id)).collect();
+        let mut queue: FairQueue<Wanted<'_>> = FairQueue::new(self.limits);
+        let mut in_flight: BTreeMap<&OrgId, u32> = BTreeMap::new();
+        for i in &instances {
+            if i.desired_running
+                && matches!(i.state, InstanceState::Pending | InstanceState::Starting)
+            {
+                if let Some(org) = org_of.get(&i.app_id) {
+                    *in_flight.entry(org).or_default() += 1;
+                }
+            }
+        }
+        for (org, n) in in_flight {
+            queue.set_in_flight(org, n);
+        }
+        for w in std::mem::take(&mut plan.wants) {
+            match org_of.get(&w.app) {
+                Some(org) => queue.push(org, w),
+                None => tracing::warn!(app_id = %w.app, "placement for an app with no org"),
+            }
+        }
+        let taken = {
+            let mut last = self.last_org.lock().unwrap_or_else(|e| e.into_inner());
+            let taken = queue.take(last.as_ref());
+            *last = taken.last.clone();
+            taken
+        };
+        if taken.deferred > 0 {
+            tracing::info!(
+                deferred = taken.deferred,
+                "placements left for a later pass"
+            );
+        }
+        let mut leaving_apps: std::collections::BTreeSet<AppId> = instances
+            .iter()
+            .filter(|i| !i.desired_running && !i.state.is_terminal())
+            .map(|i| i.app_id.clone())
+            .collect();
+        leaving_apps.extend(plan.events.iter().filter_map(|e| match e {
+            Event::InstanceStopRequested { app_id, .. } => Some(app_id.clone()),
+            _ => None,
+        }));
+        let mut failed: Vec<&kiln_types::ReleaseId> = Vec::new();
+        for (_, w) in taken.admitted {
+            if failed.contains(&&w.rel.id) {
+                continue;
+            }
+            let Some(group) = w.manifest.processes.iter().find(|p| p.name == w.group) else {
+                continue;
+            };
+            if let Err(reason) = plan.place(w.rel, &w.manifest, group) {
+                match w.purpose {
+                    // Instances of the app still on their way out hold room the deploy may
+                    // need (memory is a hard cap, so it is not freed before they stop): wait
+                    // for them, under the deploy's deadline.
+                    Purpose::Deploy if leaving_apps.contains(&w.app) => {
+                        tracing::info!(release_id = %w.rel.id, reason = %reason, "placement waits for stopping instances");
+                        failed.push(&w.rel.id);
+                    }
+                    Purpose::Deploy => {
+                        plan.release_state(&w.app, w.rel, ReleaseState::Failed, Some(reason));
+                        let insts = by_release.get(&w.rel.id).cloned().unwrap_or_default();
+                        plan.stop_all(&insts, "deploy failed");
+                        failed.push(&w.rel.id);
+                    }
+                    Purpose::Upkeep => {
+                        tracing::warn!(release_id = %w.rel.id, reason = %reason, "cannot place instance");
                     }
                 }
             }
@@ -257,8 +374,35 @@ impl Reconciler {
     }
 }
 
+/// What a deploy step sees of its app.
+struct DeployCx<'s, 'a> {
+    insts: &'s [&'a InstanceRow],
+    now: i64,
+    /// The serving release the deploy replaces, if any.
+    prev: Option<&'a ReleaseRow>,
+    prev_insts: &'s [&'a InstanceRow],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A new instance of a deploy: no room fails the deploy.
+    Deploy,
+    /// A replacement, or an old instance restored by a rollback: no room waits.
+    Upkeep,
+}
+
+/// One instance to place, waiting for the fair queue.
+struct Wanted<'a> {
+    app: AppId,
+    rel: &'a ReleaseRow,
+    manifest: Arc<Manifest>,
+    group: String,
+    purpose: Purpose,
+}
+
 struct Plan<'a> {
     events: Vec<Event>,
+    wants: Vec<Wanted<'a>>,
     capacity: Inventory,
     next_ordinal: BTreeMap<HostId, u64>,
     hosts: &'a [kiln_store::HostRow],
@@ -267,10 +411,38 @@ struct Plan<'a> {
     host_state: &'a BTreeMap<HostId, HostState>,
 }
 
+/// The deploy strategy of a stored manifest stops no old instance before it succeeds.
+fn old_kept_while_deploying(manifest: &serde_json::Value) -> bool {
+    matches!(
+        manifest["deploy"]["strategy"].as_str(),
+        Some("canary" | "bluegreen")
+    )
+}
+
 /// Reason given to instances lost with their host (not counted as the app's own failures).
 const HOST_DOWN_PREFIX: &str = "host ";
 
-impl Plan<'_> {
+impl<'a> Plan<'a> {
+    fn want(
+        &mut self,
+        app_id: &AppId,
+        rel: &'a ReleaseRow,
+        manifest: &Arc<Manifest>,
+        group: &str,
+        n: u32,
+        purpose: Purpose,
+    ) {
+        for _ in 0..n {
+            self.wants.push(Wanted {
+                app: app_id.clone(),
+                rel,
+                manifest: manifest.clone(),
+                group: group.to_owned(),
+                purpose,
+            });
+        }
+    }
+
     fn release_state(
         &mut self,
         app_id: &AppId,
@@ -304,19 +476,17 @@ impl Plan<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn deploy_step(
-        &mut self,
-        app_id: &AppId,
-        rel: &ReleaseRow,
-        insts: &[&InstanceRow],
-        now: i64,
-        newest_healthy: Option<u64>,
-        by_release: &BTreeMap<&kiln_types::ReleaseId, Vec<&InstanceRow>>,
-        rels: &[ReleaseRow],
-    ) {
+    /// One pass of a deploy in progress: the rollout of each process group under the manifest's
+    /// strategy, gated on health with the release's deadline (see the module documentation).
+    fn deploy_step(&mut self, app_id: &AppId, rel: &'a ReleaseRow, d: DeployCx<'_, 'a>) {
+        let DeployCx {
+            insts,
+            now,
+            prev,
+            prev_insts,
+        } = d;
         let manifest = match serde_json::from_value::<Manifest>(rel.manifest.clone()) {
-            Ok(m) => m,
+            Ok(m) => Arc::new(m),
             Err(e) => {
                 self.release_state(
                     app_id,
@@ -327,105 +497,259 @@ impl Plan<'_> {
                 return;
             }
         };
-        let live: Vec<&&InstanceRow> = insts
-            .iter()
-            .filter(|i| i.desired_running && !i.state.is_terminal())
-            .collect();
-        if let Some(failed) = insts
-            .iter()
-            .find(|i| i.desired_running && i.state == InstanceState::Failed)
-        {
-            let why = failed.reason.clone().unwrap_or_else(|| "exited".into());
-            self.release_state(
-                app_id,
-                rel,
-                ReleaseState::Failed,
-                Some(format!("instance {} failed: {why}", failed.id)),
-            );
-            self.stop_all(insts, "deploy failed");
-            return;
-        }
-        if now - rel.created_at > manifest.deploy.health_timeout_ms as i64 {
-            let healthy = live
+        let prev_manifest = prev
+            .and_then(|p| serde_json::from_value::<Manifest>(p.manifest.clone()).ok())
+            .map(Arc::new);
+        // Rolling and immediate: an old instance that failed during the deploy is not replaced
+        // (the rollout counts it as gone), only cleaned up. Otherwise the upkeep does both.
+        if !old_kept_while_deploying(&rel.manifest) {
+            for i in prev_insts
                 .iter()
-                .filter(|i| i.state == InstanceState::Healthy)
-                .count();
-            // The agent records why a starting instance is not healthy yet (a failing check).
-            let why = live
-                .iter()
-                .find(|i| i.state != InstanceState::Healthy && i.reason.is_some())
-                .map(|i| format!("; instance {}: {}", i.id, i.reason.as_deref().unwrap_or("")))
-                .unwrap_or_default();
-            self.release_state(
-                app_id,
-                rel,
-                ReleaseState::Failed,
-                Some(format!(
-                    "{healthy} of {} instance(s) healthy after {}s (deploy.health_timeout){why}",
-                    manifest.total_count(),
-                    manifest.deploy.health_timeout_ms / 1000
-                )),
-            );
-            self.stop_all(insts, "deploy failed");
-            return;
-        }
-        // Each process group gets its own instances: `scale.count` per region, each spec
-        // carrying the group's name, command and services.
-        let mut placed = false;
-        for group in &manifest.processes {
-            let want = manifest.desired_count(group) as usize;
-            let have = live.iter().filter(|i| i.spec.process == group.name).count();
-            for _ in have..want {
-                if let Err(reason) = self.place(rel, &manifest, group) {
-                    self.release_state(app_id, rel, ReleaseState::Failed, Some(reason));
-                    self.stop_all(insts, "deploy failed");
-                    return;
-                }
-                placed = true;
+                .filter(|i| i.desired_running && i.state == InstanceState::Failed)
+            {
+                self.stop(i, "failed during a deploy");
             }
         }
-        if placed {
-            return;
+        let strategy = |count: u32| match manifest.deploy.strategy {
+            // New instances start above the count and old ones stop only as new ones become
+            // healthy: `max_unavailable` is how many are replaced at once, capacity never drops.
+            kiln_manifest::Strategy::Rolling => Strategy::Rolling {
+                max_unavailable: 0,
+                max_surge: manifest.deploy.max_unavailable.of(count),
+            },
+            kiln_manifest::Strategy::Canary => Strategy::Canary,
+            kiln_manifest::Strategy::Bluegreen => Strategy::BlueGreen,
+            kiln_manifest::Strategy::Immediate => Strategy::Immediate,
+        };
+        let view = |list: &[&InstanceRow], process: &str| -> Vec<rollout::Instance> {
+            list.iter()
+                .filter(|i| i.spec.process == process)
+                .map(|i| rollout::Instance {
+                    id: i.id.clone(),
+                    // A failed instance already stopped (lost with its host) is gone, not a
+                    // failure of the deploy.
+                    state: if !i.desired_running && i.state == InstanceState::Failed {
+                        InstanceState::Stopped
+                    } else {
+                        i.state
+                    },
+                    stop_requested: !i.desired_running,
+                })
+                .collect()
+        };
+        let deadline_passed = now - rel.created_at > manifest.deploy.health_timeout_ms as i64;
+        // One rollout per process group of either release.
+        let mut groups: Vec<&str> = manifest.processes.iter().map(|p| p.name.as_str()).collect();
+        for p in prev_manifest.iter().flat_map(|m| &m.processes) {
+            if !groups.contains(&p.name.as_str()) {
+                groups.push(&p.name);
+            }
         }
-        if live.iter().all(|i| i.state == InstanceState::Healthy) {
-            self.release_state(app_id, rel, ReleaseState::Healthy, None);
-            // The release serves now: shared ports its `tcp` services no longer list go back to
-            // the pool (the previous release kept them routed until this moment).
-            let wanted: std::collections::BTreeSet<u16> = manifest
+        let mut pieces = Vec::with_capacity(groups.len());
+        for name in &groups {
+            let desired = manifest
                 .processes
                 .iter()
-                .flat_map(|p| &p.services)
-                .filter(|s| s.protocol == kiln_types::ServiceProtocol::Tcp)
-                .flat_map(|s| s.ports.iter().copied())
-                .collect();
-            for (owner, port) in self.shared_ports {
-                if owner == app_id && !wanted.contains(port) {
-                    self.events.push(Event::PortReleased {
-                        app_id: app_id.clone(),
-                        port: *port,
-                    });
+                .find(|p| p.name == *name)
+                .map_or(0, |p| manifest.desired_count(p));
+            let old_desired = prev_manifest
+                .as_ref()
+                .and_then(|m| {
+                    m.processes
+                        .iter()
+                        .find(|p| p.name == *name)
+                        .map(|p| m.desired_count(p))
+                })
+                .unwrap_or(0);
+            pieces.push((
+                *name,
+                desired,
+                old_desired,
+                view(prev_insts, name),
+                view(insts, name),
+            ));
+        }
+        let mut plans = Vec::with_capacity(pieces.len());
+        for (_, desired, old_desired, old, new) in &pieces {
+            let input = rollout::Input {
+                strategy: strategy(*desired),
+                desired: *desired,
+                old_desired: *old_desired,
+                old,
+                new,
+                // The new set is routed only once the release is healthy (blue-green).
+                routes: Routes::Old,
+                deadline_passed,
+                auto_rollback: manifest.deploy.auto_rollback,
+            };
+            let plan = rollout::plan(&input);
+            plans.push((input, plan));
+        }
+        let failure = plans.iter().find_map(|(_, p)| match &p.outcome {
+            Outcome::Failed { failure, .. } => Some(failure.clone()),
+            _ => None,
+        });
+        if let Some(failure) = failure {
+            let reason = match failure {
+                Failure::InstanceFailed(id) => {
+                    let why = insts
+                        .iter()
+                        .find(|i| i.id == id)
+                        .and_then(|i| i.reason.clone())
+                        .unwrap_or_else(|| "exited".into());
+                    format!("instance {id} failed: {why}")
+                }
+                Failure::DeadlinePassed { .. } => {
+                    let healthy = insts
+                        .iter()
+                        .filter(|i| i.desired_running && i.state == InstanceState::Healthy)
+                        .count();
+                    // The agent records why a starting instance is not healthy yet (a failing
+                    // check).
+                    let why = insts
+                        .iter()
+                        .find(|i| {
+                            i.desired_running
+                                && !i.state.is_terminal()
+                                && i.state != InstanceState::Healthy
+                                && i.reason.is_some()
+                        })
+                        .map(|i| {
+                            format!("; instance {}: {}", i.id, i.reason.as_deref().unwrap_or(""))
+                        })
+                        .unwrap_or_default();
+                    format!(
+                        "{healthy} of {} instance(s) healthy after {}s (deploy.health_timeout){why}",
+                        manifest.total_count(),
+                        manifest.deploy.health_timeout_ms / 1000
+                    )
+                }
+            };
+            let reason = if manifest.deploy.auto_rollback && prev.is_some() {
+                format!(
+                    "{reason}; rolled back to v{}",
+                    prev.map_or(0, |p| p.version)
+                )
+            } else {
+                reason
+            };
+            self.release_state(app_id, rel, ReleaseState::Failed, Some(reason));
+            // A failed release never serves: its instances stop whatever `auto_rollback` says.
+            self.stop_all(insts, "deploy failed");
+            // (Canary and blue-green stopped no old instance: the upkeep keeps its count.)
+            if manifest.deploy.auto_rollback && !old_kept_while_deploying(&rel.manifest) {
+                if let (Some(prev), Some(m)) = (prev, &prev_manifest) {
+                    for ((name, ..), (input, _)) in pieces.iter().zip(&plans) {
+                        for a in rollout::rollback(input) {
+                            if let Action::StartOld(n) = a {
+                                self.want(app_id, prev, m, name, n, Purpose::Upkeep);
+                            }
+                        }
+                    }
                 }
             }
-            if let Some(prev) = newest_healthy {
-                if let Some(prev_rel) = rels.iter().find(|r| r.version == prev) {
-                    self.release_state(
-                        app_id,
-                        prev_rel,
-                        ReleaseState::Superseded,
-                        Some(format!("replaced by v{}", rel.version)),
-                    );
-                    let prev_insts = by_release.get(&prev_rel.id).cloned().unwrap_or_default();
-                    self.stop_all(&prev_insts, "release superseded");
+            return;
+        }
+        // Done, or (blue-green) the full new set is healthy and routes may switch to it.
+        if plans.iter().all(|(_, p)| {
+            p.outcome == Outcome::Succeeded || p.actions.contains(&Action::RouteTo(Routes::New))
+        }) {
+            self.succeed(app_id, rel, &manifest, prev, prev_insts);
+            return;
+        }
+        let mut old_stopping = 0;
+        for ((name, ..), (_, p)) in pieces.iter().zip(&plans) {
+            for a in &p.actions {
+                match a {
+                    Action::StartNew(n) => {
+                        self.want(app_id, rel, &manifest, name, *n, Purpose::Deploy)
+                    }
+                    Action::StopOld(ids) | Action::StopNew(ids) => {
+                        let ids: std::collections::BTreeSet<&InstanceId> = ids.iter().collect();
+                        for i in prev_insts.iter().chain(insts) {
+                            if ids.contains(&i.id) {
+                                old_stopping += usize::from(i.release_id != rel.id);
+                                self.stop(i, "replaced by the deploy");
+                            }
+                        }
+                    }
+                    Action::StartOld(_) | Action::RouteTo(_) => {}
                 }
+            }
+        }
+        // Progress, as the release's reason while it deploys (appended when it changes).
+        let count = |list: &[rollout::Instance], healthy: bool| {
+            list.iter()
+                .filter(|i| {
+                    !i.stop_requested
+                        && !i.state.is_terminal()
+                        && (!healthy || i.state == InstanceState::Healthy)
+                })
+                .count()
+        };
+        let new_healthy: usize = pieces.iter().map(|p| count(&p.4, true)).sum();
+        let old_live = pieces
+            .iter()
+            .map(|p| count(&p.3, false))
+            .sum::<usize>()
+            .saturating_sub(old_stopping);
+        let progress = format!(
+            "{}: {new_healthy} of {} new instance(s) healthy, {old_live} old running",
+            manifest.deploy.strategy.as_str(),
+            manifest.total_count(),
+        );
+        if rel.reason.as_deref() != Some(progress.as_str()) {
+            self.release_state(app_id, rel, ReleaseState::Deploying, Some(progress));
+        }
+    }
+
+    /// The deploy succeeded (blue-green: the full new set is healthy): the release serves, the
+    /// previous one is superseded (its instances stop in the next pass, after routes switched).
+    fn succeed(
+        &mut self,
+        app_id: &AppId,
+        rel: &ReleaseRow,
+        manifest: &Manifest,
+        prev: Option<&ReleaseRow>,
+        prev_insts: &[&InstanceRow],
+    ) {
+        self.release_state(app_id, rel, ReleaseState::Healthy, None);
+        // The release serves now: shared ports its `tcp` services no longer list go back to
+        // the pool (the previous release kept them routed until this moment).
+        let wanted: std::collections::BTreeSet<u16> = manifest
+            .processes
+            .iter()
+            .flat_map(|p| &p.services)
+            .filter(|s| s.protocol == kiln_types::ServiceProtocol::Tcp)
+            .flat_map(|s| s.ports.iter().copied())
+            .collect();
+        for (owner, port) in self.shared_ports {
+            if owner == app_id && !wanted.contains(port) {
+                self.events.push(Event::PortReleased {
+                    app_id: app_id.clone(),
+                    port: *port,
+                });
+            }
+        }
+        if let Some(prev_rel) = prev {
+            self.release_state(
+                app_id,
+                prev_rel,
+                ReleaseState::Superseded,
+                Some(format!("replaced by v{}", rel.version)),
+            );
+            if manifest.deploy.strategy != kiln_manifest::Strategy::Bluegreen {
+                self.stop_all(prev_insts, "release superseded");
             }
         }
     }
 
     /// A serving release: replace instances that died.
-    fn keep_running(&mut self, rel: &ReleaseRow, insts: &[&InstanceRow]) {
+    fn keep_running(&mut self, rel: &'a ReleaseRow, insts: &[&InstanceRow]) {
         let Ok(manifest) = serde_json::from_value::<Manifest>(rel.manifest.clone()) else {
             return;
         };
+        let manifest = Arc::new(manifest);
         for i in insts
             .iter()
             .filter(|i| i.desired_running && i.state == InstanceState::Failed)
@@ -460,12 +784,14 @@ impl Plan<'_> {
                 .collect();
             let staying = live.iter().filter(|i| !leaving(i)).count();
             let want = manifest.desired_count(group) as usize;
-            for _ in staying..want {
-                if let Err(reason) = self.place(rel, &manifest, group) {
-                    tracing::warn!(release_id = %rel.id, reason = %reason, "cannot place replacement instance");
-                    return;
-                }
-            }
+            self.want(
+                &rel.app_id,
+                rel,
+                &manifest,
+                &group.name,
+                want.saturating_sub(staying) as u32,
+                Purpose::Upkeep,
+            );
             let healthy_staying = live
                 .iter()
                 .filter(|i| !leaving(i) && i.state == InstanceState::Healthy)

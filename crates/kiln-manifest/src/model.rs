@@ -200,7 +200,7 @@ impl Strategy {
     }
 }
 
-/// How many instances may be down at once during a rolling deploy.
+/// How many instances a rolling deploy replaces at once (started above the count: none is down).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MaxUnavailable {
@@ -210,7 +210,7 @@ pub enum MaxUnavailable {
 }
 
 impl MaxUnavailable {
-    /// Instances out of `total` that may be down at once (at least one).
+    /// Instances out of `total` replaced at once (at least one).
     pub fn of(self, total: u32) -> u32 {
         match self {
             Self::Count(n) => n.max(1),

@@ -353,7 +353,7 @@ pub(crate) static DEPLOY: Table = Table {
             "max_unavailable",
             Ty::CountOrPercent,
             Default::Int(df::MAX_UNAVAILABLE as i64),
-            "Instances (a count, or a percentage like \"25%\") that may be down at once during a rolling deploy.",
+            "Instances (a count, or a percentage like \"25%\") replaced at once during a rolling deploy: new ones start above the count, and an old one stops only once a new one is healthy.",
         ),
         f(
             "release_command",

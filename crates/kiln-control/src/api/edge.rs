@@ -48,8 +48,29 @@ pub(super) async fn routes(
             concurrency: Some(svc.concurrency),
         })
     }
+    // Traffic goes to the serving (healthy) release and to deploys that replace instances in
+    // place; a blue-green deploy's new set only once all of it is healthy (the release is then
+    // `healthy` and the old one `superseded`, its instances stopping).
+    let mut routed: std::collections::BTreeSet<ReleaseId> = c
+        .store
+        .releases_in_state(ReleaseState::Healthy)
+        .await?
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    routed.extend(
+        c.store
+            .releases_in_state(ReleaseState::Deploying)
+            .await?
+            .into_iter()
+            .filter(|r| r.manifest["deploy"]["strategy"] != "bluegreen")
+            .map(|r| r.id),
+    );
     for inst in c.store.all_instances().await? {
-        if inst.state != kiln_types::InstanceState::Healthy || !inst.desired_running {
+        if inst.state != kiln_types::InstanceState::Healthy
+            || !inst.desired_running
+            || !routed.contains(&inst.release_id)
+        {
             continue;
         }
         let Some(app) = apps.get(&inst.app_id) else {
