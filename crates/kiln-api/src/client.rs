@@ -286,6 +286,21 @@ impl Client {
         }
     }
 
+    /// Creates a release of the serving one with a new count or VM size.
+    pub async fn scale(
+        &self,
+        app: &str,
+        body: &ScaleRequest,
+        idempotency_key: &str,
+    ) -> Result<Release, ApiError> {
+        self.post(
+            &format!("/v1/apps/{app}/scale"),
+            body,
+            Some(idempotency_key),
+        )
+        .await
+    }
+
     /// Creates a release restoring version `version` (the previous healthy one when `None`).
     pub async fn rollback(
         &self,

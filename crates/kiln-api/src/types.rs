@@ -650,3 +650,26 @@ pub struct DevicePageQuery {
     #[serde(default)]
     pub user_code: Option<String>,
 }
+
+/// `POST /v1/apps/{app}/scale`: a new release of the serving one with a different instance
+/// count or VM size (every field optional; at least one).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    /// Instances per region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = i64, minimum = 0, maximum = 1000))]
+    pub count: Option<u32>,
+    /// The process group `count` applies to (default: every group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub process: Option<String>,
+    /// vCPUs of every instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = i64, minimum = 1, maximum = 64))]
+    pub cpus: Option<u32>,
+    /// Memory of every instance, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = i64, minimum = 64, maximum = 262144))]
+    pub memory_mib: Option<u64>,
+}

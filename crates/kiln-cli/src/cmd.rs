@@ -46,6 +46,9 @@ pub enum Command {
     Releases(crate::ops_cmd::ReleasesArgs),
     /// Deploy an earlier release again (its image and manifest, as one unit).
     Rollback(crate::ops_cmd::RollbackArgs),
+    /// Change an app's instance count or VM size (a new release of the serving one).
+    #[command(subcommand)]
+    Scale(crate::ops_cmd::ScaleCmd),
     /// The platform's hosts: list, drain, make ready (operator only).
     #[command(subcommand)]
     Hosts(crate::ops_cmd::HostsCmd),
@@ -314,6 +317,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Releases(args) => crate::ops_cmd::releases(args).await,
         Command::Rollback(args) => crate::ops_cmd::rollback(args).await,
         Command::Hosts(cmd) => crate::ops_cmd::hosts(cmd).await,
+        Command::Scale(cmd) => crate::ops_cmd::scale(cmd).await,
         Command::Context(cmd) => context_cmd(cmd).await,
         Command::Secrets(cmd) => crate::secrets_cmd::run(cmd).await,
         Command::Whoami => crate::auth_cmd::whoami().await,

@@ -34,6 +34,37 @@ pub struct RollbackArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ScaleCmd {
+    /// Set the number of instances per region (of every process group, or of one).
+    Count {
+        #[command(flatten)]
+        app: AppArg,
+        /// Instances per region.
+        count: u32,
+        /// Only this process group.
+        #[arg(long)]
+        process: Option<String>,
+        /// Return once the release is created, without waiting for health.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Set the VM size of every instance.
+    Vm {
+        #[command(flatten)]
+        app: AppArg,
+        /// vCPUs per instance.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory per instance, MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Return once the release is created, without waiting for health.
+        #[arg(long)]
+        detach: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum HostsCmd {
     /// Every host: state, driver, capacity, instances, last heard from.
     List {
@@ -155,4 +186,57 @@ fn parse_version(s: &str) -> Result<u64, String> {
     s.trim_start_matches('v')
         .parse()
         .map_err(|_| format!("{s:?} is not a release version (like 3 or v3)"))
+}
+
+pub async fn scale(cmd: ScaleCmd) -> Result<(), CliError> {
+    let (app, body, detach) = match cmd {
+        ScaleCmd::Count {
+            app,
+            count,
+            process,
+            detach,
+        } => (
+            app,
+            kiln_api::ScaleRequest {
+                count: Some(count),
+                process,
+                ..Default::default()
+            },
+            detach,
+        ),
+        ScaleCmd::Vm {
+            app,
+            cpus,
+            memory,
+            detach,
+        } => {
+            if cpus.is_none() && memory.is_none() {
+                return Err(
+                    CliError::new(crate::exit::USAGE, "nothing to change".to_string())
+                        .hint("pass --cpus N and/or --memory MIB"),
+                );
+            }
+            (
+                app,
+                kiln_api::ScaleRequest {
+                    cpus,
+                    memory_mib: memory,
+                    ..Default::default()
+                },
+                detach,
+            )
+        }
+    };
+    let app = resolve_app(&app, Path::new("kiln.toml"))?;
+    let c = client(&context::current()?)?;
+    let key = format!("scale-{}", kiln_types::ReleaseId::generate().suffix());
+    let release = c.scale(&app, &body, &key).await?;
+    println!(
+        "==> Release v{} of {app}: {}",
+        release.version, release.image_input
+    );
+    if detach {
+        return Ok(());
+    }
+    wait_for_release(&c, &app, &release, 600).await
 }

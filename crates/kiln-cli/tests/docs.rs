@@ -932,3 +932,34 @@ fn http_api_docs_match_the_routes() {
         "docs/specs/api/openapi.yaml `paths` must cover exactly the routes of crates/kiln-control"
     );
 }
+
+/// No merge left its conflict markers in a document (a table with `<<<<<<<` still renders, so
+/// nothing else would notice).
+#[test]
+fn no_document_holds_merge_conflict_markers() {
+    let mut stack = vec![docs_dir()];
+    let mut found = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            for (n, line) in text.lines().enumerate() {
+                if line.starts_with("<<<<<<< ") || line.starts_with(">>>>>>> ") || line == "======="
+                {
+                    found.push(format!("{}:{}", path.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "conflict markers at:\n{}",
+        found.join("\n")
+    );
+}

@@ -319,3 +319,86 @@ async fn rollback_restores_an_earlier_release_as_a_new_one() {
     assert_eq!(api.rollback("web", None, "k2").await.unwrap().version, 3);
     assert_eq!(api.releases("web").await.unwrap().len(), 3);
 }
+
+#[tokio::test]
+async fn scale_makes_a_release_of_the_serving_one() {
+    let fx = fixture(Duration::from_secs(60)).await;
+    let app_id = fx.app_with_release('1').await;
+    let api = fx.client(&[Scope::Deploy, Scope::Read]).await;
+    let count = |n| kiln_api::ScaleRequest {
+        count: Some(n),
+        ..Default::default()
+    };
+    // Nothing serves yet: nothing to scale.
+    let err = api.scale("web", &count(3), "s0").await.unwrap_err();
+    assert_eq!(err.code(), Some("no_serving_release"), "{err}");
+    let v1 = fx.store.release(app_id.clone(), 1).await.unwrap().unwrap();
+    fx.append(vec![Event::ReleaseStateChanged {
+        app_id: app_id.clone(),
+        release_id: v1.id.clone(),
+        state: ReleaseState::Healthy,
+        reason: None,
+    }])
+    .await;
+
+    let v2 = api.scale("web", &count(3), "s1").await.unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.image, v1.image);
+    assert_eq!(v2.image_input, "scale of v1: count=3");
+    let row = fx.store.release(app_id.clone(), 2).await.unwrap().unwrap();
+    let m: kiln_manifest::Manifest = serde_json::from_value(row.manifest).unwrap();
+    assert_eq!(m.processes[0].scale.count, 3);
+    assert!(row
+        .manifest_source
+        .starts_with("# kiln scale on v1: count=3\n"));
+    let vm = api
+        .scale(
+            "web",
+            &kiln_api::ScaleRequest {
+                memory_mib: Some(512),
+                cpus: Some(2),
+                ..Default::default()
+            },
+            "s2",
+        )
+        .await
+        .unwrap();
+    let row = fx
+        .store
+        .release(app_id.clone(), vm.version)
+        .await
+        .unwrap()
+        .unwrap();
+    let m: kiln_manifest::Manifest = serde_json::from_value(row.manifest).unwrap();
+    assert_eq!((m.vm.cpus, m.vm.memory.0), (2, 512));
+
+    for (i, (body, what)) in [
+        (kiln_api::ScaleRequest::default(), "nothing to change"),
+        (count(5000), "at most 1000"),
+        (
+            kiln_api::ScaleRequest {
+                count: Some(1),
+                process: Some("nope".into()),
+                ..Default::default()
+            },
+            "no process group",
+        ),
+        (
+            kiln_api::ScaleRequest {
+                memory_mib: Some(1),
+                ..Default::default()
+            },
+            "memory_mib",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let err = api
+            .scale("web", &body, &format!("bad{i}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("invalid_scale"), "{err}");
+        assert!(err.to_string().contains(what), "{err}");
+    }
+}

@@ -108,6 +108,7 @@ fn sample_body(op: &Value, n: usize) -> Option<String> {
         "[LogRecord]" => json!([]),
         "AllocateIp" => json!({"kind": "v4"}),
         "Rollback" => json!({"version": 1}),
+        "ScaleRequest" => json!({"count": 1}),
         "CreateToken" => json!({"name": format!("walk{n}")}),
         "SetSecrets" => json!({"secrets": {"WALK": "x"}}),
         "UnsetSecrets" => json!({"names": ["WALK"]}),

@@ -550,3 +550,126 @@ fn check_if_match(headers: &HeaderMap, app: &AppRow) -> ApiResult<()> {
         ),
     ))
 }
+
+/// Largest instance count per region `kiln scale` accepts (a fair-use bound, not capacity).
+const MAX_SCALE_COUNT: u32 = 1000;
+
+#[utoipa::path(post, path = "/v1/apps/{app}/scale", tag = "apps", request_body = kiln_api::ScaleRequest,
+    params(("app" = String, Path, description = "App name"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for 24 h")),
+    security(("bearer" = ["deploy"])),
+    responses((status = 201, description = "A new release of the serving one with the new count or VM size; deployed like any release.", body = Release)))]
+pub(super) async fn scale(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<kiln_api::ScaleRequest>,
+) -> ApiResult<(StatusCode, Json<Release>)> {
+    p.require(Scope::Deploy)?;
+    let row = owned_app(&c, &p, &app).await?;
+    let invalid =
+        |detail: String| ApiFailure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_scale", detail);
+    if body.count.is_none() && body.cpus.is_none() && body.memory_mib.is_none() {
+        return Err(invalid(
+            "nothing to change: give count, cpus or memory_mib".into(),
+        ));
+    }
+    if body.count.is_some_and(|n| n > MAX_SCALE_COUNT) {
+        return Err(invalid(format!(
+            "count must be at most {MAX_SCALE_COUNT} instances per region"
+        )));
+    }
+    if body.cpus.is_some_and(|n| !(1..=64).contains(&n)) {
+        return Err(invalid("cpus must be between 1 and 64".into()));
+    }
+    if body
+        .memory_mib
+        .is_some_and(|m| !(64..=262_144).contains(&m))
+    {
+        return Err(invalid("memory_mib must be between 64 and 262144".into()));
+    }
+    let releases = c.store.releases(row.id.clone()).await?;
+    let Some(serving) = releases
+        .iter()
+        .filter(|r| r.state == ReleaseState::Healthy)
+        .max_by_key(|r| r.version)
+    else {
+        return Err(ApiFailure::new(
+            StatusCode::CONFLICT,
+            "no_serving_release",
+            format!("{app} has no serving release to scale; deploy one first"),
+        ));
+    };
+    let mut manifest: kiln_manifest::Manifest = serde_json::from_value(serving.manifest.clone())
+        .map_err(|e| {
+            ApiFailure::new(
+                StatusCode::CONFLICT,
+                "release_unreadable",
+                format!("the manifest of v{} cannot be read: {e}", serving.version),
+            )
+        })?;
+    let mut changed = Vec::new();
+    if let Some(count) = body.count {
+        let mut matched = false;
+        for group in manifest.processes.iter_mut() {
+            if body.process.as_deref().is_none_or(|p| p == group.name) {
+                group.scale.count = count;
+                group.scale.max = group.scale.max.max(count);
+                group.scale.min = group.scale.min.min(count);
+                matched = true;
+            }
+        }
+        if !matched {
+            let names: Vec<&str> = manifest.processes.iter().map(|g| g.name.as_str()).collect();
+            return Err(invalid(format!(
+                "no process group {:?}; the release has: {}",
+                body.process.as_deref().unwrap_or(""),
+                names.join(", ")
+            )));
+        }
+        changed.push(match &body.process {
+            Some(p) => format!("count={count} process={p}"),
+            None => format!("count={count}"),
+        });
+    }
+    if let Some(cpus) = body.cpus {
+        manifest.vm.cpus = cpus;
+        changed.push(format!("cpus={cpus}"));
+    }
+    if let Some(m) = body.memory_mib {
+        manifest.vm.memory = kiln_types::MiB(m);
+        changed.push(format!("memory_mib={m}"));
+    }
+    let idempotency = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(|key| Idempotency {
+            scope: format!("release:{}", row.id),
+            key: key.to_owned(),
+            request_hash: hex::encode(Sha256::digest(
+                serde_json::to_vec(&body).unwrap_or_default(),
+            )),
+        });
+    let what = changed.join(" ");
+    append_release(
+        &c,
+        &p,
+        &headers,
+        &app,
+        NewRelease {
+            image_input: format!("scale of v{}: {what}", serving.version),
+            image: serving.image.clone(),
+            manifest: serde_json::to_value(&manifest).unwrap_or_default(),
+            // The text as the user wrote it, with what `kiln scale` changed on top.
+            manifest_source: format!(
+                "# kiln scale on v{}: {what}\n{}",
+                serving.version, serving.manifest_source
+            ),
+            extra: Vec::new(),
+            secrets_version: Some(serving.secrets_version),
+        },
+        idempotency,
+    )
+    .await
+}

@@ -112,6 +112,7 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
         .route("/v1/hosts/{host}/drain", post(crate::hosts::drain))
         .route("/v1/hosts/{host}/ready", post(crate::hosts::undrain))
         .route("/v1/apps/{app}/rollback", post(rollback))
+        .route("/v1/apps/{app}/scale", post(scale))
         .merge(crate::secrets_api::routes())
         // Layers run bottom-up on the way in: the last added is the outermost.
         .layer(DefaultBodyLimit::max(MAX_BODY))

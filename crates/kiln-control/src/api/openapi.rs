@@ -56,6 +56,7 @@ use super::*;
         crate::hosts::drain,
         crate::hosts::undrain,
         rollback,
+        scale,
         crate::secrets_api::list,
         crate::secrets_api::set,
         crate::secrets_api::unset,
