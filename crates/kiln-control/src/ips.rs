@@ -99,6 +99,7 @@ pub(crate) async fn allocate(
         let address = match existing {
             Some(ip) => ip,
             None => {
+                crate::quotas::check_ipv4(&c, &p.org_id).await?;
                 let taken: std::collections::BTreeSet<_> = allocations
                     .iter()
                     .filter_map(|a| match a.allocation {

@@ -17,6 +17,7 @@ mod exec;
 mod hosts;
 mod ips;
 mod logs;
+mod quotas;
 mod reconciler;
 pub mod secrets;
 mod secrets_api;
@@ -33,6 +34,7 @@ pub use api::{openapi_document, openapi_yaml, RateLimit};
 pub use auth::{generate_token, hash_token, Scope};
 pub use clock::Clock;
 pub use error::ControlError;
+pub use quotas::Quotas;
 pub use reconciler::Reconciler;
 pub use users::{role_scopes, NewUser};
 
@@ -51,6 +53,8 @@ pub struct ControlConfig {
     pub ipv4_pool: Option<kiln_types::net::Ipv4Pool>,
     /// A host whose agent is silent this long is declared down (agents beat every 5 s).
     pub host_down_after: Duration,
+    /// What one org may hold.
+    pub quotas: Quotas,
     /// The clock of auth decisions (expiry, polling); tests move it forward.
     pub clock: Clock,
     /// How long a device code (RFC 8628) may wait for approval.
@@ -78,6 +82,7 @@ impl Default for ControlConfig {
             reconcile_tick: Duration::from_millis(500),
             ipv4_pool: None,
             host_down_after: Duration::from_secs(20),
+            quotas: Quotas::default(),
             clock: Clock::default(),
             device_code_ttl: Duration::from_secs(600),
             device_poll_interval: Duration::from_secs(5),

@@ -402,3 +402,67 @@ async fn scale_makes_a_release_of_the_serving_one() {
         assert!(err.to_string().contains(what), "{err}");
     }
 }
+
+#[tokio::test]
+async fn quotas_refuse_what_an_org_may_not_hold_and_say_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("kiln.db"))
+        .await
+        .unwrap();
+    let control = Control::new(
+        store.clone(),
+        ControlConfig {
+            quotas: kiln_control::Quotas {
+                apps: 2,
+                instances: 3,
+                memory_mib: 100_000,
+                ipv4_addresses: 1,
+            },
+            ipv4_pool: Some(kiln_types::net::Ipv4Pool::parse("203.0.113.0/29").unwrap()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    control.bootstrap("operator").await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = control.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let fx = Fixture {
+        _dir: dir,
+        store,
+        control,
+        url: format!("http://{addr}"),
+    };
+    // `web` (count 1) counts against the quotas; it serves, so it can be scaled.
+    let app_id = fx.app_with_release('1').await;
+    let v1 = fx.store.release(app_id.clone(), 1).await.unwrap().unwrap();
+    fx.append(vec![Event::ReleaseStateChanged {
+        app_id: app_id.clone(),
+        release_id: v1.id.clone(),
+        state: ReleaseState::Healthy,
+        reason: None,
+    }])
+    .await;
+    let api = fx.client(&[Scope::Admin]).await;
+
+    api.create_app(&"second".parse().unwrap()).await.unwrap();
+    let err = api.create_app(&"third".parse().unwrap()).await.unwrap_err();
+    assert_eq!(err.code(), Some("quota_exceeded"), "{err}");
+    assert!(err.to_string().contains("apps quota is 2"), "{err}");
+
+    // Scaling `web` to 3 fits (its own current release is replaced in the count); 4 does not.
+    let scale = |n| kiln_api::ScaleRequest {
+        count: Some(n),
+        ..Default::default()
+    };
+    let err = api.scale("web", &scale(4), "q1").await.unwrap_err();
+    assert_eq!(err.code(), Some("quota_exceeded"), "{err}");
+    assert!(err.to_string().contains("instances quota is 3"), "{err}");
+    api.scale("web", &scale(3), "q2").await.unwrap();
+
+    api.allocate_ipv4("web", "q3").await.unwrap();
+    let err = api.allocate_ipv4("second", "q4").await.unwrap_err();
+    assert_eq!(err.code(), Some("quota_exceeded"), "{err}");
+    assert!(err.to_string().contains("IPv4"), "{err}");
+}

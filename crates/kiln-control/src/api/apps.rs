@@ -87,6 +87,7 @@ pub(super) async fn create_app(
             "this token is restricted to one app and cannot create apps",
         ));
     }
+    crate::quotas::check_new_app(&c, &p.org_id).await?;
     if c.store.app_by_name(body.name.to_string()).await?.is_some() {
         return Err(ApiFailure::new(
             StatusCode::CONFLICT,
@@ -326,6 +327,7 @@ async fn append_release(
     idempotency: Option<Idempotency>,
 ) -> ApiResult<(StatusCode, Json<Release>)> {
     let row = owned_app(c, p, app).await?;
+    crate::quotas::check_release(c, &p.org_id, &row.id, &new.manifest).await?;
     let stream = kiln_types::event::StreamRef {
         kind: kiln_types::event::StreamType::App,
         id: row.id.to_string(),
