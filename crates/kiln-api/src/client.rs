@@ -286,6 +286,19 @@ impl Client {
         }
     }
 
+    /// Why each host would or would not get `app`'s next instance (operator only).
+    pub async fn explain_placement(
+        &self,
+        app: &str,
+        process: Option<&str>,
+    ) -> Result<PlacementExplanation, ApiError> {
+        let mut path = format!("/v1/hosts/placement?app={app}");
+        if let Some(p) = process {
+            path.push_str(&format!("&process={p}"));
+        }
+        self.get(&path).await
+    }
+
     /// Creates a release of the serving one with a new count or VM size.
     pub async fn scale(
         &self,

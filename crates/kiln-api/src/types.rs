@@ -673,3 +673,26 @@ pub struct ScaleRequest {
     #[cfg_attr(feature = "openapi", schema(value_type = i64, minimum = 64, maximum = 262144))]
     pub memory_mib: Option<u64>,
 }
+
+/// `GET /v1/hosts/placement`: why each host would or would not get the app's next instance.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementExplanation {
+    /// The host the scheduler would choose, if any fits.
+    pub chosen: Option<HostId>,
+    /// Why nothing fits, counted per constraint (when nothing does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_fit: Option<String>,
+    /// One line per host: its rank and score, or the constraint that rejected it.
+    pub explanation: String,
+}
+
+/// `GET /v1/hosts/placement` query.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementQuery {
+    /// Required; checked after authentication so a caller without the scope learns nothing.
+    #[serde(default)]
+    pub app: String,
+    #[serde(default)]
+    pub process: Option<String>,
+}

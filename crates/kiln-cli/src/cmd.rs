@@ -49,6 +49,9 @@ pub enum Command {
     /// Change an app's instance count or VM size (a new release of the serving one).
     #[command(subcommand)]
     Scale(crate::ops_cmd::ScaleCmd),
+    /// Debugging views (operator only): `kiln debug placement`.
+    #[command(subcommand)]
+    Debug(crate::ops_cmd::DebugCmd),
     /// The platform's hosts: list, drain, make ready (operator only).
     #[command(subcommand)]
     Hosts(crate::ops_cmd::HostsCmd),
@@ -318,6 +321,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Rollback(args) => crate::ops_cmd::rollback(args).await,
         Command::Hosts(cmd) => crate::ops_cmd::hosts(cmd).await,
         Command::Scale(cmd) => crate::ops_cmd::scale(cmd).await,
+        Command::Debug(cmd) => crate::ops_cmd::debug(cmd).await,
         Command::Context(cmd) => context_cmd(cmd).await,
         Command::Secrets(cmd) => crate::secrets_cmd::run(cmd).await,
         Command::Whoami => crate::auth_cmd::whoami().await,

@@ -65,6 +65,21 @@ pub enum ScaleCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum DebugCmd {
+    /// Why each host would or would not get the app's next instance (operator only).
+    Placement {
+        #[command(flatten)]
+        app: AppArg,
+        /// The process group (default: the first).
+        #[arg(long)]
+        process: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum HostsCmd {
     /// Every host: state, driver, capacity, instances, last heard from.
     List {
@@ -239,4 +254,24 @@ pub async fn scale(cmd: ScaleCmd) -> Result<(), CliError> {
         return Ok(());
     }
     wait_for_release(&c, &app, &release, 600).await
+}
+
+pub async fn debug(cmd: DebugCmd) -> Result<(), CliError> {
+    match cmd {
+        DebugCmd::Placement { app, process, json } => {
+            let app = resolve_app(&app, Path::new("kiln.toml"))?;
+            let e = client(&context::current()?)?
+                .explain_placement(&app, process.as_deref())
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());
+            } else {
+                print!("{}", e.explanation);
+                if !e.explanation.ends_with('\n') {
+                    println!();
+                }
+            }
+            Ok(())
+        }
+    }
 }

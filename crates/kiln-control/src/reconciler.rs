@@ -118,23 +118,7 @@ impl Reconciler {
                 (h.id.clone(), if down { HostState::Down } else { h.state })
             })
             .collect();
-        // Hosts carry no region or volume space yet: one region for all, no volumes placed.
-        // Only `ready` hosts take new instances.
-        let mut capacity = Inventory::new(
-            hosts
-                .iter()
-                .map(|h| Host {
-                    id: h.id.clone(),
-                    region: Region::new(HOST_REGION),
-                    driver: Driver::new(h.driver.clone()),
-                    state: host_state.get(&h.id).copied().unwrap_or_default(),
-                    memory: h.memory,
-                    cpu: h.cpu,
-                    disk: MiB(0),
-                })
-                .collect(),
-            Policy::default(),
-        );
+        let capacity = build_inventory(&hosts, &instances, &host_state);
         let mut next_ordinal: BTreeMap<HostId, u64> = BTreeMap::new();
         for i in &instances {
             if let Some(n) = hosts
@@ -144,20 +128,6 @@ impl Reconciler {
             {
                 let e = next_ordinal.entry(i.host_id.clone()).or_default();
                 *e = (*e).max(n + 1);
-            }
-            if !i.state.is_terminal() {
-                capacity.add_instance(
-                    &i.host_id,
-                    &Usage {
-                        group: Group {
-                            app: i.app_id.clone(),
-                            process: i.spec.process.clone(),
-                        },
-                        memory: i.spec.vm.memory,
-                        cpu: i.spec.vm.cpu,
-                        disk: MiB(0),
-                    },
-                );
             }
         }
         let mut by_release: BTreeMap<&kiln_types::ReleaseId, Vec<&InstanceRow>> = BTreeMap::new();
@@ -883,4 +853,96 @@ impl<'a> Plan<'a> {
         });
         Ok(())
     }
+}
+
+/// The scheduler's view of the fleet: every host with its state, and what the instances that are
+/// not stopped or failed take on it. Hosts carry no region or volume space yet: one region for
+/// all, no volumes placed; only `ready` hosts take new instances.
+fn build_inventory(
+    hosts: &[kiln_store::HostRow],
+    instances: &[InstanceRow],
+    host_state: &BTreeMap<HostId, HostState>,
+) -> Inventory {
+    let mut capacity = Inventory::new(
+        hosts
+            .iter()
+            .map(|h| Host {
+                id: h.id.clone(),
+                region: Region::new(HOST_REGION),
+                driver: Driver::new(h.driver.clone()),
+                state: host_state.get(&h.id).copied().unwrap_or(h.state),
+                memory: h.memory,
+                cpu: h.cpu,
+                disk: MiB(0),
+            })
+            .collect(),
+        Policy::default(),
+    );
+    for i in instances.iter().filter(|i| !i.state.is_terminal()) {
+        capacity.add_instance(
+            &i.host_id,
+            &Usage {
+                group: Group {
+                    app: i.app_id.clone(),
+                    process: i.spec.process.clone(),
+                },
+                memory: i.spec.vm.memory,
+                cpu: i.spec.vm.cpu,
+                disk: MiB(0),
+            },
+        );
+    }
+    capacity
+}
+
+/// Why each host would or would not get the next instance of `process` of `app`'s current release
+/// (the scheduler's explain over the fleet as the views show it now), for `kiln debug placement`.
+pub(crate) async fn explain_placement(
+    control: &Control,
+    app: &AppId,
+    process: Option<&str>,
+) -> Result<Option<kiln_scheduler::Explanation>, ControlError> {
+    let store = &control.store;
+    let hosts = store
+        .hosts()
+        .await
+        .map_err(ControlError::store("list hosts"))?;
+    let instances = store
+        .all_instances()
+        .await
+        .map_err(ControlError::store("list instances"))?;
+    let releases = store
+        .releases(app.clone())
+        .await
+        .map_err(ControlError::store("list releases"))?;
+    let Some(rel) = releases
+        .iter()
+        .filter(|r| matches!(r.state, ReleaseState::Deploying | ReleaseState::Healthy))
+        .max_by_key(|r| r.version)
+    else {
+        return Ok(None);
+    };
+    let Ok(manifest) = serde_json::from_value::<Manifest>(rel.manifest.clone()) else {
+        return Ok(None);
+    };
+    let Some(group) = manifest
+        .processes
+        .iter()
+        .find(|g| process.is_none_or(|p| p == g.name))
+    else {
+        return Ok(None);
+    };
+    let host_state = hosts.iter().map(|h| (h.id.clone(), h.state)).collect();
+    let inventory = build_inventory(&hosts, &instances, &host_state);
+    Ok(Some(inventory.explain(&Request {
+        group: Group {
+            app: app.clone(),
+            process: group.name.clone(),
+        },
+        region: Region::new(HOST_REGION),
+        drivers: vec![],
+        memory: manifest.vm.memory,
+        cpu: MilliCpu::from_cpus(manifest.vm.cpus),
+        volumes: Volumes::None,
+    })))
 }

@@ -466,3 +466,54 @@ async fn quotas_refuse_what_an_org_may_not_hold_and_say_which() {
     assert_eq!(err.code(), Some("quota_exceeded"), "{err}");
     assert!(err.to_string().contains("IPv4"), "{err}");
 }
+
+#[tokio::test]
+async fn placement_is_explained_per_host_to_the_operator_only() {
+    let fx = fixture(Duration::from_secs(60)).await;
+    let agent = fx.client(&[Scope::Host]).await;
+    register(&agent, "a").await;
+    register(&agent, "b").await;
+    fx.app_with_release('1').await;
+    let admin = fx.client(&[Scope::Admin]).await;
+    admin.drain_host("a", true).await.unwrap();
+
+    let e = admin.explain_placement("web", None).await.unwrap();
+    let hosts = fx.store.hosts().await.unwrap();
+    let b = hosts.iter().find(|h| h.name == "b").unwrap();
+    assert_eq!(e.chosen.as_ref(), Some(&b.id), "{}", e.explanation);
+    let a = hosts.iter().find(|h| h.name == "a").unwrap();
+    let line_a = e
+        .explanation
+        .lines()
+        .find(|l| l.contains(a.id.as_str()))
+        .unwrap_or_else(|| panic!("a line for host a: {}", e.explanation));
+    assert!(line_a.contains("draining"), "{line_a}");
+    assert!(
+        e.explanation
+            .lines()
+            .any(|l| l.contains(b.id.as_str()) && l.contains("rank 1")),
+        "{}",
+        e.explanation
+    );
+    let err = admin
+        .explain_placement("web", Some("nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("nothing_to_place"), "{err}");
+
+    // Hosts are the operator's: a tenant's admin token gets nothing.
+    let other_org = kiln_types::OrgId::generate();
+    fx.append(vec![Event::OrgCreated {
+        org_id: other_org.clone(),
+        name: "tenant".into(),
+    }])
+    .await;
+    let token = fx
+        .control
+        .create_token(&other_org, "t", &[Scope::Admin])
+        .await
+        .unwrap();
+    let tenant = Client::new(&fx.url, &token).unwrap();
+    let err = tenant.explain_placement("web", None).await.unwrap_err();
+    assert_eq!(err.code(), Some("insufficient_scope"), "{err}");
+}

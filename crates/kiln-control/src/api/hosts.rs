@@ -188,3 +188,56 @@ pub(super) async fn report_instance(
     }
     Ok(Json(serde_json::json!({})))
 }
+
+#[utoipa::path(get, path = "/v1/hosts/placement", tag = "hosts",
+    params(("app" = String, Query, description = "App name"),
+        ("process" = Option<String>, Query, description = "Process group (default: the first)")),
+    security(("bearer" = ["host"])),
+    responses((status = 200, description = "Why each host would or would not get the app's next instance. Operator org only.", body = kiln_api::PlacementExplanation)))]
+pub(super) async fn explain_placement(
+    State(c): Ctl,
+    p: Principal,
+    Query(q): Query<kiln_api::PlacementQuery>,
+) -> ApiResult<Json<kiln_api::PlacementExplanation>> {
+    require_infra(&c, &p, Scope::Host).await?;
+    if q.app.is_empty() {
+        return Err(ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "give the app: ?app=NAME",
+        ));
+    }
+    let app = c
+        .store
+        .app_by_name(q.app.clone())
+        .await?
+        .ok_or_else(|| ApiFailure::not_found("app", &q.app))?;
+    let e = crate::reconciler::explain_placement(&c, &app.id, q.process.as_deref())
+        .await
+        .map_err(|e| {
+            ApiFailure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                crate::error::error_chain(&e),
+            )
+        })?
+        .ok_or_else(|| {
+            ApiFailure::new(
+                StatusCode::CONFLICT,
+                "nothing_to_place",
+                format!(
+                    "{} has no deploying or serving release{}",
+                    q.app,
+                    q.process
+                        .as_deref()
+                        .map(|p| format!(" with a process group {p:?}"))
+                        .unwrap_or_default()
+                ),
+            )
+        })?;
+    Ok(Json(kiln_api::PlacementExplanation {
+        chosen: e.outcome.as_ref().ok().cloned(),
+        no_fit: e.outcome.as_ref().err().map(|n| n.to_string()),
+        explanation: e.to_string(),
+    }))
+}

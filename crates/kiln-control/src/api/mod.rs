@@ -113,6 +113,7 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
         .route("/v1/hosts/{host}/ready", post(crate::hosts::undrain))
         .route("/v1/apps/{app}/rollback", post(rollback))
         .route("/v1/apps/{app}/scale", post(scale))
+        .route("/v1/hosts/placement", get(explain_placement))
         .merge(crate::secrets_api::routes())
         // Layers run bottom-up on the way in: the last added is the outermost.
         .layer(DefaultBodyLimit::max(MAX_BODY))

@@ -57,6 +57,7 @@ use super::*;
         crate::hosts::undrain,
         rollback,
         scale,
+        explain_placement,
         crate::secrets_api::list,
         crate::secrets_api::set,
         crate::secrets_api::unset,
