@@ -143,7 +143,7 @@ async fn healthy(agent: &Client, i: &InstanceRow) {
 
 #[tokio::test]
 async fn a_silent_host_goes_down_and_a_drained_host_empties_without_downtime() {
-    let fx = fixture(Duration::from_millis(300)).await;
+    let fx = fixture(Duration::from_millis(1500)).await;
     let agent = fx.client(&[Scope::Host]).await;
     let a = register(&agent, "a").await;
     let b = register(&agent, "b").await;
@@ -160,7 +160,7 @@ async fn a_silent_host_goes_down_and_a_drained_host_empties_without_downtime() {
 
     // The first instance's host goes silent while the other keeps beating.
     let (silent, beating) = if first.host_id == a { (a, b) } else { (b, a) };
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1700)).await;
     agent.heartbeat(&beating).await.unwrap();
     reconciler.pass().await.unwrap();
     let hosts = fx.store.hosts().await.unwrap();
