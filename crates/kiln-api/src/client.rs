@@ -262,7 +262,7 @@ impl Client {
     }
 
     /// Drains (`drain: true`) or undrains a host, by id or name.
-    pub async fn drain_host(&self, host: &str, drain: bool) -> Result<HostInfo, ApiError> {
+    pub async fn drain_host(&self, host: &str, drain: bool) -> Result<Host, ApiError> {
         let action = if drain { "drain" } else { "ready" };
         self.post(
             &format!("/v1/hosts/{host}/{action}"),

@@ -472,23 +472,6 @@ pub struct AllocatedIp {
     pub address: std::net::Ipv4Addr,
 }
 
-/// `GET /v1/hosts`: one host as its operator sees it.
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostInfo {
-    pub id: kiln_types::HostId,
-    pub name: String,
-    pub driver: String,
-    pub cpu: kiln_types::MilliCpu,
-    pub memory: kiln_types::MiB,
-    pub state: kiln_types::event::HostState,
-    pub state_reason: Option<String>,
-    /// Milliseconds since the control plane last heard from the host's agent.
-    pub silent_ms: u64,
-    /// Instances that run or should run there.
-    pub instances: usize,
-}
-
 /// `POST /v1/apps/{app}/rollback`.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

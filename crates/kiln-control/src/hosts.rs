@@ -21,7 +21,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
-use kiln_api::HostInfo;
+use kiln_api::Host;
 use kiln_store::{Append, HostRow, NewEvent};
 use kiln_types::event::{Event, HostState};
 use kiln_types::HostId;
@@ -140,27 +140,13 @@ async fn require_operator(c: &Control, p: &Principal) -> ApiResult<()> {
     Ok(())
 }
 
-fn info(c: &Control, h: HostRow, instances: usize) -> HostInfo {
-    HostInfo {
-        silent_ms: c.heartbeats.silent_for(&h.id).as_millis() as u64,
-        id: h.id,
-        name: h.name,
-        driver: h.driver,
-        cpu: h.cpu,
-        memory: h.memory,
-        state: h.state,
-        state_reason: h.state_reason,
-        instances,
-    }
-}
-
 async fn set_state(
     c: &Control,
     p: &Principal,
     headers: &HeaderMap,
     id: &str,
     state: HostState,
-) -> ApiResult<Json<HostInfo>> {
+) -> ApiResult<Json<Host>> {
     require_operator(c, p).await?;
     let row = host(c, id).await?;
     if row.state == HostState::Down && state == HostState::Ready {
@@ -188,32 +174,31 @@ async fn set_state(
             .await?;
         tracing::info!(host_id = %row.id, name = %row.name, state = state.as_str(), "host state set");
     }
-    let row = host(c, id).await?;
-    Ok(Json(info(c, row, 0)))
+    Ok(Json(crate::api::host_view(host(c, id).await?)))
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{host}/drain", tag = "hosts",
     params(("host" = String, Path, description = "Host id or name")),
     security(("bearer" = ["admin"])),
-    responses((status = 200, description = "The host, draining. Operator org only.", body = kiln_api::HostInfo)))]
+    responses((status = 200, description = "The host, draining. Operator org only.", body = kiln_api::Host)))]
 pub(crate) async fn drain(
     State(c): State<Arc<Control>>,
     p: Principal,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Json<HostInfo>> {
+) -> ApiResult<Json<Host>> {
     set_state(&c, &p, &headers, &id, HostState::Draining).await
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{host}/ready", tag = "hosts",
     params(("host" = String, Path, description = "Host id or name")),
     security(("bearer" = ["admin"])),
-    responses((status = 200, description = "The host, ready. Operator org only.", body = kiln_api::HostInfo)))]
+    responses((status = 200, description = "The host, ready. Operator org only.", body = kiln_api::Host)))]
 pub(crate) async fn undrain(
     State(c): State<Arc<Control>>,
     p: Principal,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Json<HostInfo>> {
+) -> ApiResult<Json<Host>> {
     set_state(&c, &p, &headers, &id, HostState::Ready).await
 }

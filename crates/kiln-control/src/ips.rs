@@ -8,10 +8,9 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use sha2::{Digest, Sha256};
 
-use kiln_api::{AllocateIp, AllocatedIp, AppIps, IDEMPOTENCY_KEY};
-use kiln_store::{Allocation, Append, Idempotency, NewEvent};
+use kiln_api::{AllocateIp, AllocatedIp, AppIps};
+use kiln_store::{Allocation, Append, NewEvent};
 use kiln_types::event::Event;
 
 use crate::api::{metadata, owned_app};
@@ -80,14 +79,8 @@ pub(crate) async fn allocate(
             "this control plane has no IPv4 pool to allocate from (start it with --ipv4-pool)",
         ));
     };
-    let idempotency = headers
-        .get(IDEMPOTENCY_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(|key| Idempotency {
-            scope: format!("ips:{}", row.id),
-            key: key.to_owned(),
-            request_hash: hex::encode(Sha256::digest(body.kind.as_bytes())),
-        });
+    let idempotency =
+        crate::api::durable_idempotency(&headers, format!("ips:{}", row.id), body.kind.as_bytes());
     // Two allocations racing for one address are settled by the allocations view's primary key
     // (address, port): the loser's append fails whole and it tries the next free address.
     for _ in 0..8 {

@@ -74,6 +74,9 @@ pub(crate) struct Qemu {
     pub config: QemuConfig,
     /// Root images are built one at a time (the build is I/O bound and short).
     building: Mutex<()>,
+    /// Short hash of the kiln-init binary, read once per agent process (a new build takes effect
+    /// at the agent's next start): it names the root images built with it.
+    init_id: tokio::sync::OnceCell<String>,
     /// The host's TSC rate: under TCG the guest cannot calibrate its TSC against the emulated PIT
     /// when the host is busy, and hangs at boot unless told the rate.
     tsc_khz: Option<u64>,
@@ -93,22 +96,34 @@ impl Qemu {
         Qemu {
             config,
             building: Mutex::new(()),
+            init_id: tokio::sync::OnceCell::new(),
             tsc_khz,
         }
     }
 
     /// The ext4 root image of an unpacked image tree with kiln-init added, built on first use.
     pub async fn root_image(&self, tree: &Path, init: &Path) -> Result<PathBuf, AgentError> {
-        let init_bytes = tokio::fs::read(init)
-            .await
-            .map_err(|source| rootfs_err(tree, init, source))?;
-        let init_id = &kiln_oci::sha256_digest(&init_bytes)["sha256:".len()..][..12];
+        let init_id = self
+            .init_id
+            .get_or_try_init(|| async {
+                let bytes = tokio::fs::read(init)
+                    .await
+                    .map_err(|source| rootfs_err(tree, init, source))?;
+                Ok::<_, AgentError>(
+                    kiln_oci::sha256_digest(&bytes)["sha256:".len()..][..12].to_owned(),
+                )
+            })
+            .await?;
         let parent = tree.parent().unwrap_or(tree);
         let image = parent.join(format!("root-{init_id}.ext4"));
         let _guard = self.building.lock().await;
         if tokio::fs::metadata(&image).await.is_ok() {
             return Ok(image);
         }
+        // Only a build copies the binary in.
+        let init_bytes = tokio::fs::read(init)
+            .await
+            .map_err(|source| rootfs_err(tree, init, source))?;
         // A staging tree with what kiln-init needs, layered over the image's tree by a read-only
         // overlay so that the shared unpacked tree is never modified.
         let staging = parent.join("vm-staging");

@@ -260,18 +260,11 @@ pub(super) async fn create_release(
         )
     })?;
 
-    let idem_key = headers
-        .get(IDEMPOTENCY_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let request_hash = hex::encode(Sha256::digest(
-        serde_json::to_vec(&(&body.image, &body.manifest)).unwrap_or_default(),
-    ));
-    let idempotency = idem_key.map(|key| Idempotency {
-        scope: format!("release:{}", row.id),
-        key,
-        request_hash,
-    });
+    let idempotency = durable_idempotency(
+        &headers,
+        format!("release:{}", row.id),
+        &serde_json::to_vec(&(&body.image, &body.manifest)).unwrap_or_default(),
+    );
 
     // A retry with the same key is answered by the store from the log (the events recorded the
     // first time), whatever the tag resolves to now.
@@ -459,14 +452,11 @@ pub(super) async fn rollback(
             )
         })?;
     let port_events = allocate_ports(&c, &row.id, &manifest).await?;
-    let idempotency = headers
-        .get(IDEMPOTENCY_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(|key| Idempotency {
-            scope: format!("release:{}", row.id),
-            key: key.to_owned(),
-            request_hash: hex::encode(Sha256::digest(format!("rollback:{}", target.version))),
-        });
+    let idempotency = durable_idempotency(
+        &headers,
+        format!("release:{}", row.id),
+        format!("rollback:{}", target.version).as_bytes(),
+    );
     append_release(
         &c,
         &p,
@@ -643,16 +633,11 @@ pub(super) async fn scale(
         manifest.vm.memory = kiln_types::MiB(m);
         changed.push(format!("memory_mib={m}"));
     }
-    let idempotency = headers
-        .get(IDEMPOTENCY_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(|key| Idempotency {
-            scope: format!("release:{}", row.id),
-            key: key.to_owned(),
-            request_hash: hex::encode(Sha256::digest(
-                serde_json::to_vec(&body).unwrap_or_default(),
-            )),
-        });
+    let idempotency = durable_idempotency(
+        &headers,
+        format!("release:{}", row.id),
+        &serde_json::to_vec(&body).unwrap_or_default(),
+    );
     let what = changed.join(" ");
     append_release(
         &c,

@@ -14,21 +14,7 @@ pub(super) async fn list_hosts(
     let rows = c.store.hosts().await?;
     let (rows, next_cursor) = paginate("hosts", rows, |h| h.name.clone(), &q)?;
     Ok(Json(HostPage {
-        items: rows
-            .into_iter()
-            .map(|h| Host {
-                id: h.id,
-                name: h.name,
-                index: h.index,
-                driver: h.driver,
-                cpu: h.cpu,
-                memory: h.memory,
-                registered_at: h.registered_at,
-                last_registered_at: h.last_registered_at,
-                state: h.state,
-                state_reason: h.state_reason,
-            })
-            .collect(),
+        items: rows.into_iter().map(host_view).collect(),
         next_cursor,
     }))
 }
@@ -240,4 +226,20 @@ pub(super) async fn explain_placement(
         no_fit: e.outcome.as_ref().err().map(|n| n.to_string()),
         explanation: e.to_string(),
     }))
+}
+
+/// A host as the API shows it.
+pub(crate) fn host_view(h: kiln_store::HostRow) -> Host {
+    Host {
+        id: h.id,
+        name: h.name,
+        index: h.index,
+        driver: h.driver,
+        cpu: h.cpu,
+        memory: h.memory,
+        registered_at: h.registered_at,
+        last_registered_at: h.last_registered_at,
+        state: h.state,
+        state_reason: h.state_reason,
+    }
 }

@@ -55,6 +55,7 @@ use logs::*;
 
 pub use conventions::RateLimit;
 pub(crate) use conventions::{IdempotencyCache, RateLimiter};
+pub(crate) use hosts::host_view;
 pub use openapi::{openapi_document, openapi_yaml};
 
 type Ctl = State<Arc<Control>>;
@@ -129,6 +130,23 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
     responses((status = 200, description = "The API serves.", body = String, content_type = "text/plain")))]
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// The durable idempotency of a request that appends events: its `Idempotency-Key` (if any),
+/// scoped, with a hash of what the request asks for, so the store replays a retry from the log.
+pub(crate) fn durable_idempotency(
+    headers: &HeaderMap,
+    scope: String,
+    request: &[u8],
+) -> Option<Idempotency> {
+    headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(|key| Idempotency {
+            scope,
+            key: key.to_owned(),
+            request_hash: hex::encode(Sha256::digest(request)),
+        })
 }
 
 pub(crate) fn metadata(p: &Principal, headers: &HeaderMap) -> Metadata {
