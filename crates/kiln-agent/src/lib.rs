@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Name the host registers under (stable across restarts).
     pub host_name: String,
+    /// The region the host registers in.
+    pub region: String,
     /// Path of the static `kiln-init` binary placed in every instance.
     pub init_binary: PathBuf,
     /// The `runc` binary.
@@ -107,6 +109,7 @@ impl Agent {
                 },
                 cpu: config.cpu,
                 memory: config.memory,
+                region: Some(config.region.clone()),
             })
             .await
             .map_err(|source| AgentError::Register {

@@ -291,10 +291,14 @@ impl Client {
         &self,
         app: &str,
         process: Option<&str>,
+        region: Option<&str>,
     ) -> Result<PlacementExplanation, ApiError> {
         let mut path = format!("/v1/hosts/placement?app={app}");
         if let Some(p) = process {
             path.push_str(&format!("&process={p}"));
+        }
+        if let Some(r) = region {
+            path.push_str(&format!("&region={r}"));
         }
         self.get(&path).await
     }

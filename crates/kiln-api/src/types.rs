@@ -141,6 +141,13 @@ pub struct RegisterHost {
     /// MiB, 1 to 2^32.
     #[cfg_attr(feature = "openapi", schema(value_type = u64, minimum = 1, maximum = 4_294_967_296_u64))]
     pub memory: MiB,
+    /// The region the host is in (a DNS label); default `local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 63, pattern = "^[a-z]([a-z0-9-]*[a-z0-9])?$")
+    )]
+    pub region: Option<String>,
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -380,6 +387,13 @@ pub struct Host {
     /// Why the host is in its state.
     #[serde(default)]
     pub state_reason: Option<String>,
+    /// The region the host is in.
+    #[serde(default = "local_region")]
+    pub region: String,
+}
+
+fn local_region() -> String {
+    kiln_types::event::LOCAL_REGION.to_owned()
 }
 
 /// A page of hosts, by name.
@@ -647,6 +661,10 @@ pub struct ScaleRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub process: Option<String>,
+    /// The one region `count` applies to (default: every region, replacing per-region counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub region: Option<String>,
     /// vCPUs of every instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = i64, minimum = 1, maximum = 64))]
@@ -678,4 +696,7 @@ pub struct PlacementQuery {
     pub app: String,
     #[serde(default)]
     pub process: Option<String>,
+    /// The region to place in (default: the app's primary region).
+    #[serde(default)]
+    pub region: Option<String>,
 }

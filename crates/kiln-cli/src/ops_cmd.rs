@@ -44,6 +44,9 @@ pub enum ScaleCmd {
         /// Only this process group.
         #[arg(long)]
         process: Option<String>,
+        /// Only this region (one of the app's `regions`); without it, every region.
+        #[arg(long)]
+        region: Option<String>,
         /// Return once the release is created, without waiting for health.
         #[arg(long)]
         detach: bool,
@@ -73,6 +76,9 @@ pub enum DebugCmd {
         /// The process group (default: the first).
         #[arg(long)]
         process: Option<String>,
+        /// The region (default: the app's primary region).
+        #[arg(long)]
+        region: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -164,14 +170,15 @@ pub async fn hosts(cmd: HostsCmd) -> Result<(), CliError> {
                 return Ok(());
             }
             println!(
-                "{:<26} {:<12} {:<9} {:<8} {:>6} {:>10} REASON",
-                "ID", "NAME", "STATE", "DRIVER", "CPUS", "MEMORY"
+                "{:<26} {:<12} {:<8} {:<9} {:<8} {:>6} {:>10} REASON",
+                "ID", "NAME", "REGION", "STATE", "DRIVER", "CPUS", "MEMORY"
             );
             for h in hosts {
                 println!(
-                    "{:<26} {:<12} {:<9} {:<8} {:>6.1} {:>6} MiB {}",
+                    "{:<26} {:<12} {:<8} {:<9} {:<8} {:>6.1} {:>6} MiB {}",
                     h.id,
                     h.name,
+                    h.region,
                     h.state.as_str(),
                     h.driver,
                     f64::from(h.cpu.0) / 1000.0,
@@ -209,12 +216,14 @@ pub async fn scale(cmd: ScaleCmd) -> Result<(), CliError> {
             app,
             count,
             process,
+            region,
             detach,
         } => (
             app,
             kiln_api::ScaleRequest {
                 count: Some(count),
                 process,
+                region,
                 ..Default::default()
             },
             detach,
@@ -258,10 +267,15 @@ pub async fn scale(cmd: ScaleCmd) -> Result<(), CliError> {
 
 pub async fn debug(cmd: DebugCmd) -> Result<(), CliError> {
     match cmd {
-        DebugCmd::Placement { app, process, json } => {
+        DebugCmd::Placement {
+            app,
+            process,
+            region,
+            json,
+        } => {
             let app = resolve_app(&app, Path::new("kiln.toml"))?;
             let e = client(&context::current()?)?
-                .explain_placement(&app, process.as_deref())
+                .explain_placement(&app, process.as_deref(), region.as_deref())
                 .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());

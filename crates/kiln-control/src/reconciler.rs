@@ -38,9 +38,6 @@ use kiln_types::{
 use crate::error::ControlError;
 use crate::Control;
 
-/// The region every host is in until hosts report one.
-const HOST_REGION: &str = "local";
-
 pub struct Reconciler {
     control: Arc<Control>,
     limits: Limits,
@@ -299,7 +296,7 @@ impl Reconciler {
             let Some(group) = w.manifest.processes.iter().find(|p| p.name == w.group) else {
                 continue;
             };
-            if let Err(reason) = plan.place(w.rel, &w.manifest, group) {
+            if let Err(reason) = plan.place(w.rel, &w.manifest, group, &w.region) {
                 match w.purpose {
                     // Instances of the app still on their way out hold room the deploy may
                     // need (memory is a hard cap, so it is not freed before they stop): wait
@@ -367,6 +364,7 @@ struct Wanted<'a> {
     rel: &'a ReleaseRow,
     manifest: Arc<Manifest>,
     group: String,
+    region: String,
     purpose: Purpose,
 }
 
@@ -393,12 +391,22 @@ fn old_kept_while_deploying(manifest: &serde_json::Value) -> bool {
 const HOST_DOWN_PREFIX: &str = "host ";
 
 impl<'a> Plan<'a> {
+    /// The region of the host an instance is on (`local` for a host the views do not know).
+    fn region_of(&self, host: &HostId) -> &'a str {
+        self.hosts
+            .iter()
+            .find(|h| h.id == *host)
+            .map_or(kiln_types::event::LOCAL_REGION, |h| h.region.as_str())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn want(
         &mut self,
         app_id: &AppId,
         rel: &'a ReleaseRow,
         manifest: &Arc<Manifest>,
         group: &str,
+        region: &str,
         n: u32,
         purpose: Purpose,
     ) {
@@ -408,6 +416,7 @@ impl<'a> Plan<'a> {
                 rel,
                 manifest: manifest.clone(),
                 group: group.to_owned(),
+                region: region.to_owned(),
                 purpose,
             });
         }
@@ -491,9 +500,17 @@ impl<'a> Plan<'a> {
             kiln_manifest::Strategy::Bluegreen => Strategy::BlueGreen,
             kiln_manifest::Strategy::Immediate => Strategy::Immediate,
         };
-        let view = |list: &[&InstanceRow], process: &str| -> Vec<rollout::Instance> {
+        let hosts = self.hosts;
+        let view = |list: &[&InstanceRow], process: &str, region: &str| -> Vec<rollout::Instance> {
             list.iter()
                 .filter(|i| i.spec.process == process)
+                .filter(|i| {
+                    hosts
+                        .iter()
+                        .find(|h| h.id == i.host_id)
+                        .map_or(kiln_types::event::LOCAL_REGION, |h| h.region.as_str())
+                        == region
+                })
                 .map(|i| rollout::Instance {
                     id: i.id.clone(),
                     // A failed instance already stopped (lost with its host) is gone, not a
@@ -508,35 +525,36 @@ impl<'a> Plan<'a> {
                 .collect()
         };
         let deadline_passed = now - rel.created_at > manifest.deploy.health_timeout_ms as i64;
-        // One rollout per process group of either release.
-        let mut groups: Vec<&str> = manifest.processes.iter().map(|p| p.name.as_str()).collect();
-        for p in prev_manifest.iter().flat_map(|m| &m.processes) {
-            if !groups.contains(&p.name.as_str()) {
-                groups.push(&p.name);
+        // One rollout per process group and region of either release.
+        let mut keys: Vec<(&str, &str)> = Vec::new();
+        for m in std::iter::once(&manifest).chain(prev_manifest.iter()) {
+            for p in &m.processes {
+                for r in &m.regions {
+                    if !keys.contains(&(p.name.as_str(), r.as_str())) {
+                        keys.push((&p.name, r));
+                    }
+                }
             }
         }
-        let mut pieces = Vec::with_capacity(groups.len());
-        for name in &groups {
-            let desired = manifest
-                .processes
+        let count_in = |m: &Manifest, name: &str, region: &str| {
+            m.processes
                 .iter()
-                .find(|p| p.name == *name)
-                .map_or(0, |p| manifest.desired_count(p));
+                .find(|p| p.name == name)
+                .filter(|_| m.regions.iter().any(|r| r == region))
+                .map_or(0, |p| p.scale.count_in(region))
+        };
+        let mut pieces = Vec::with_capacity(keys.len());
+        for (name, region) in keys {
+            let desired = count_in(&manifest, name, region);
             let old_desired = prev_manifest
                 .as_ref()
-                .and_then(|m| {
-                    m.processes
-                        .iter()
-                        .find(|p| p.name == *name)
-                        .map(|p| m.desired_count(p))
-                })
-                .unwrap_or(0);
+                .map_or(0, |m| count_in(m, name, region));
             pieces.push((
-                *name,
+                (name, region),
                 desired,
                 old_desired,
-                view(prev_insts, name),
-                view(insts, name),
+                view(prev_insts, name, region),
+                view(insts, name, region),
             ));
         }
         let mut plans = Vec::with_capacity(pieces.len());
@@ -609,10 +627,10 @@ impl<'a> Plan<'a> {
             // (Canary and blue-green stopped no old instance: the upkeep keeps its count.)
             if manifest.deploy.auto_rollback && !old_kept_while_deploying(&rel.manifest) {
                 if let (Some(prev), Some(m)) = (prev, &prev_manifest) {
-                    for ((name, ..), (input, _)) in pieces.iter().zip(&plans) {
+                    for (((name, region), ..), (input, _)) in pieces.iter().zip(&plans) {
                         for a in rollout::rollback(input) {
                             if let Action::StartOld(n) = a {
-                                self.want(app_id, prev, m, name, n, Purpose::Upkeep);
+                                self.want(app_id, prev, m, name, region, n, Purpose::Upkeep);
                             }
                         }
                     }
@@ -628,11 +646,11 @@ impl<'a> Plan<'a> {
             return;
         }
         let mut old_stopping = 0;
-        for ((name, ..), (_, p)) in pieces.iter().zip(&plans) {
+        for (((name, region), ..), (_, p)) in pieces.iter().zip(&plans) {
             for a in &p.actions {
                 match a {
                     Action::StartNew(n) => {
-                        self.want(app_id, rel, &manifest, name, *n, Purpose::Deploy)
+                        self.want(app_id, rel, &manifest, name, region, *n, Purpose::Deploy)
                     }
                     Action::StopOld(ids) | Action::StopNew(ids) => {
                         let ids: std::collections::BTreeSet<&InstanceId> = ids.iter().collect();
@@ -743,35 +761,55 @@ impl<'a> Plan<'a> {
             if failures > manifest.restart.max_retries as usize {
                 continue;
             }
-            // Instances on a draining host are leaving: replacements start elsewhere, and each
-            // leaving one stops only once enough replacements are healthy (no downtime).
-            let leaving = |i: &&&InstanceRow| {
-                self.host_state.get(&i.host_id) == Some(&HostState::Draining)
-                    && i.spec.mounts.is_empty()
-            };
-            let live: Vec<&&InstanceRow> = of_group()
-                .filter(|i| i.desired_running && !i.state.is_terminal())
-                .collect();
-            let staying = live.iter().filter(|i| !leaving(i)).count();
-            let want = manifest.desired_count(group) as usize;
-            self.want(
-                &rel.app_id,
-                rel,
-                &manifest,
-                &group.name,
-                want.saturating_sub(staying) as u32,
-                Purpose::Upkeep,
-            );
-            let healthy_staying = live
-                .iter()
-                .filter(|i| !leaving(i) && i.state == InstanceState::Healthy)
-                .count();
-            if healthy_staying >= want {
-                let out: Vec<&InstanceRow> =
-                    live.iter().filter(|i| leaving(i)).map(|i| **i).collect();
-                for i in out {
-                    self.stop(i, "host draining");
-                }
+            for region in &manifest.regions {
+                self.keep_region(rel, &manifest, insts, &group.name, region);
+            }
+        }
+    }
+
+    /// Upkeep of one process group in one region: replacements for what is gone, and the
+    /// instances of draining hosts stopped once enough replacements are healthy.
+    fn keep_region(
+        &mut self,
+        rel: &'a ReleaseRow,
+        manifest: &Arc<Manifest>,
+        insts: &[&InstanceRow],
+        group: &str,
+        region: &str,
+    ) {
+        let Some(p) = manifest.processes.iter().find(|p| p.name == group) else {
+            return;
+        };
+        // Instances on a draining host are leaving: replacements start elsewhere, and each
+        // leaving one stops only once enough replacements are healthy (no downtime).
+        let leaving = |i: &&&InstanceRow| {
+            self.host_state.get(&i.host_id) == Some(&HostState::Draining)
+                && i.spec.mounts.is_empty()
+        };
+        let live: Vec<&&InstanceRow> = insts
+            .iter()
+            .filter(|i| i.spec.process == group && self.region_of(&i.host_id) == region)
+            .filter(|i| i.desired_running && !i.state.is_terminal())
+            .collect();
+        let staying = live.iter().filter(|i| !leaving(i)).count();
+        let want = p.scale.count_in(region) as usize;
+        self.want(
+            &rel.app_id,
+            rel,
+            manifest,
+            group,
+            region,
+            want.saturating_sub(staying) as u32,
+            Purpose::Upkeep,
+        );
+        let healthy_staying = live
+            .iter()
+            .filter(|i| !leaving(i) && i.state == InstanceState::Healthy)
+            .count();
+        if healthy_staying >= want {
+            let out: Vec<&InstanceRow> = live.iter().filter(|i| leaving(i)).map(|i| **i).collect();
+            for i in out {
+                self.stop(i, "host draining");
             }
         }
     }
@@ -781,13 +819,14 @@ impl<'a> Plan<'a> {
         rel: &ReleaseRow,
         manifest: &Manifest,
         group: &Process,
+        region: &str,
     ) -> Result<(), String> {
         let req = Request {
             group: Group {
                 app: rel.app_id.clone(),
                 process: group.name.clone(),
             },
-            region: Region::new(HOST_REGION),
+            region: Region::new(region),
             drivers: vec![],
             memory: manifest.vm.memory,
             cpu: MilliCpu::from_cpus(manifest.vm.cpus),
@@ -868,7 +907,7 @@ fn build_inventory(
             .iter()
             .map(|h| Host {
                 id: h.id.clone(),
-                region: Region::new(HOST_REGION),
+                region: Region::new(h.region.clone()),
                 driver: Driver::new(h.driver.clone()),
                 state: host_state.get(&h.id).copied().unwrap_or(h.state),
                 memory: h.memory,
@@ -901,6 +940,7 @@ pub(crate) async fn explain_placement(
     control: &Control,
     app: &AppId,
     process: Option<&str>,
+    region: Option<&str>,
 ) -> Result<Option<kiln_scheduler::Explanation>, ControlError> {
     let store = &control.store;
     let hosts = store
@@ -939,7 +979,7 @@ pub(crate) async fn explain_placement(
             app: app.clone(),
             process: group.name.clone(),
         },
-        region: Region::new(HOST_REGION),
+        region: Region::new(region.unwrap_or(&manifest.primary_region)),
         drivers: vec![],
         memory: manifest.vm.memory,
         cpu: MilliCpu::from_cpus(manifest.vm.cpus),

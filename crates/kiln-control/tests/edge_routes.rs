@@ -86,6 +86,7 @@ async fn shared_ports_and_dedicated_addresses_become_port_routes() {
                 driver: Driver::Runc,
                 cpu: MilliCpu(64_000),
                 memory: MiB(64 * 1024),
+                region: "local".into(),
             },
             Event::AppCreated {
                 app_id: db.clone(),

@@ -115,12 +115,17 @@ fn release(app_id: &AppId, version: u64, digit: char, m: &kiln_manifest::Manifes
 }
 
 async fn register(agent: &Client, name: &str) -> HostId {
+    register_in(agent, name, None).await
+}
+
+async fn register_in(agent: &Client, name: &str, region: Option<&str>) -> HostId {
     agent
         .register_host(&RegisterHost {
             name: name.into(),
             driver: Driver::Runc,
             cpu: MilliCpu(4000),
             memory: MiB(4096),
+            region: region.map(str::to_owned),
         })
         .await
         .unwrap()
@@ -404,6 +409,124 @@ async fn scale_makes_a_release_of_the_serving_one() {
 }
 
 #[tokio::test]
+async fn instances_are_placed_per_region_on_the_hosts_of_that_region() {
+    let fx = fixture(Duration::from_secs(60)).await;
+    let agent = fx.client(&[Scope::Host]).await;
+    let ams = register_in(&agent, "a", Some("ams")).await;
+    let syd = register_in(&agent, "s", Some("syd")).await;
+    // A region name that is not a DNS label is refused at registration.
+    let err = agent
+        .register_host(&RegisterHost {
+            name: "bad".into(),
+            driver: Driver::Runc,
+            cpu: MilliCpu(1000),
+            memory: MiB(1024),
+            region: Some("Not A Region".into()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("invalid_host"), "{err}");
+    let hosts = fx.store.hosts().await.unwrap();
+    assert_eq!(hosts.iter().find(|h| h.id == ams).unwrap().region, "ams");
+
+    let org = fx.control.first_org().await.unwrap().unwrap();
+    let app_id = AppId::generate();
+    let manifest = kiln_manifest::parse(
+        "kiln.toml",
+        "app = \"web\"\nprimary_region = \"ams\"\nregions = [\"ams\", \"syd\"]\n\n[scale]\ncount = 1\nmax = 3\nregions = { ams = 2 }\n",
+    )
+    .unwrap();
+    fx.append(vec![
+        Event::AppCreated {
+            app_id: app_id.clone(),
+            org_id: org,
+            name: "web".parse().unwrap(),
+        },
+        release(&app_id, 1, '1', &manifest),
+    ])
+    .await;
+    let reconciler = Reconciler::new(fx.control.clone());
+    reconciler.pass().await.unwrap();
+    let on = |live: &[InstanceRow], h: &HostId| live.iter().filter(|i| i.host_id == *h).count();
+    let live = fx.live().await;
+    assert_eq!((on(&live, &ams), on(&live, &syd)), (2, 1), "{live:#?}");
+    for i in &live {
+        healthy(&agent, i).await;
+    }
+    reconciler.pass().await.unwrap();
+    assert_eq!(
+        fx.store
+            .release(app_id.clone(), 1)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        ReleaseState::Healthy
+    );
+
+    // `kiln scale count 3 --region syd`: only syd changes, and the new release keeps ams at 2.
+    let api = fx.client(&[Scope::Deploy, Scope::Read]).await;
+    let v2 = api
+        .scale(
+            "web",
+            &kiln_api::ScaleRequest {
+                count: Some(3),
+                region: Some("syd".into()),
+                ..Default::default()
+            },
+            "r1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(v2.image_input, "scale of v1: count=3 region=syd");
+    let row = fx.store.release(app_id.clone(), 2).await.unwrap().unwrap();
+    let m: kiln_manifest::Manifest = serde_json::from_value(row.manifest).unwrap();
+    assert_eq!(
+        (
+            m.processes[0].scale.count_in("ams"),
+            m.processes[0].scale.count_in("syd")
+        ),
+        (2, 3)
+    );
+    for _ in 0..6 {
+        reconciler.pass().await.unwrap();
+        for i in fx.live().await {
+            if i.state != InstanceState::Healthy {
+                healthy(&agent, &i).await;
+            }
+        }
+    }
+    let live = fx.live().await;
+    assert!(live.iter().all(|i| i.release_id == row.id), "{live:#?}");
+    assert_eq!((on(&live, &ams), on(&live, &syd)), (2, 3), "{live:#?}");
+
+    // A region the app does not run in is refused, naming the app's regions.
+    let err = api
+        .scale(
+            "web",
+            &kiln_api::ScaleRequest {
+                count: Some(1),
+                region: Some("fra".into()),
+                ..Default::default()
+            },
+            "r2",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("invalid_scale"), "{err}");
+    assert!(err.to_string().contains("ams, syd"), "{err}");
+
+    // The placement explanation for a region without hosts says why nothing fits.
+    let admin = fx.client(&[Scope::Admin]).await;
+    let e = admin
+        .explain_placement("web", None, Some("fra"))
+        .await
+        .unwrap();
+    assert_eq!(e.chosen, None, "{}", e.explanation);
+    assert!(e.explanation.contains("region"), "{}", e.explanation);
+}
+
+#[tokio::test]
 async fn quotas_refuse_what_an_org_may_not_hold_and_say_which() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_sqlite(&dir.path().join("kiln.db"))
@@ -477,7 +600,7 @@ async fn placement_is_explained_per_host_to_the_operator_only() {
     let admin = fx.client(&[Scope::Admin]).await;
     admin.drain_host("a", true).await.unwrap();
 
-    let e = admin.explain_placement("web", None).await.unwrap();
+    let e = admin.explain_placement("web", None, None).await.unwrap();
     let hosts = fx.store.hosts().await.unwrap();
     let b = hosts.iter().find(|h| h.name == "b").unwrap();
     assert_eq!(e.chosen.as_ref(), Some(&b.id), "{}", e.explanation);
@@ -496,7 +619,7 @@ async fn placement_is_explained_per_host_to_the_operator_only() {
         e.explanation
     );
     let err = admin
-        .explain_placement("web", Some("nope"))
+        .explain_placement("web", Some("nope"), None)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some("nothing_to_place"), "{err}");
@@ -514,6 +637,9 @@ async fn placement_is_explained_per_host_to_the_operator_only() {
         .await
         .unwrap();
     let tenant = Client::new(&fx.url, &token).unwrap();
-    let err = tenant.explain_placement("web", None).await.unwrap_err();
+    let err = tenant
+        .explain_placement("web", None, None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some("insufficient_scope"), "{err}");
 }

@@ -1,6 +1,6 @@
-//! The reconciler places every process group of a release: `scale.count` per region instances of
-//! each, every WorkloadSpec carrying its group's name, command and services (with their health
-//! checks), and naming the capabilities the agent needs. A real SQLite store, no HTTP.
+//! The reconciler places every process group of a release: `scale.count` instances of each in
+//! every region (on that region's hosts), every WorkloadSpec carrying its group's name, command
+//! and services (with their health checks), and naming the capabilities the agent needs. A real SQLite store, no HTTP.
 
 use kiln_control::{Control, ControlConfig, Reconciler};
 use kiln_store::{Append, Metadata, NewEvent, Store};
@@ -47,6 +47,7 @@ async fn each_process_group_gets_its_instances_and_its_spec() {
 
     let manifest = kiln_manifest::parse("kiln.toml", MANIFEST).unwrap();
     let app_id = AppId::generate();
+    let fra_host = HostId::generate();
     let events = vec![
         Event::HostRegistered {
             host_id: HostId::generate(),
@@ -55,6 +56,16 @@ async fn each_process_group_gets_its_instances_and_its_spec() {
             driver: Driver::Runc,
             cpu: MilliCpu(64_000),
             memory: MiB(64 * 1024),
+            region: "local".into(),
+        },
+        Event::HostRegistered {
+            host_id: fra_host.clone(),
+            name: "h2".into(),
+            index: 2,
+            driver: Driver::Runc,
+            cpu: MilliCpu(64_000),
+            memory: MiB(64 * 1024),
+            region: "fra".into(),
         },
         Event::AppCreated {
             app_id: app_id.clone(),
@@ -97,10 +108,16 @@ async fn each_process_group_gets_its_instances_and_its_spec() {
             .filter(|i| i.spec.process == p)
             .collect::<Vec<_>>()
     };
-    // count × regions per group: web 2 × 2, worker inherits [scale] 1 × 2.
+    // count × regions per group: web 2 × 2, worker inherits [scale] 1 × 2; each region's on
+    // that region's host.
     assert_eq!(of("web").len(), 4, "{instances:#?}");
     assert_eq!(of("worker").len(), 2);
     assert_eq!(instances.len(), 6);
+    assert_eq!(
+        instances.iter().filter(|i| i.host_id == fra_host).count(),
+        3,
+        "{instances:#?}"
+    );
 
     let web = &of("web")[0].spec;
     assert_eq!(

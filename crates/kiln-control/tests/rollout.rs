@@ -57,6 +57,7 @@ async fn fixture_with_memory(memory: MiB) -> Fixture {
             driver: Driver::Runc,
             cpu: MilliCpu(64_000),
             memory,
+            region: None,
         })
         .await
         .unwrap();

@@ -290,6 +290,7 @@ async fn values_never_leak_and_releases_pin_versions() {
             driver: Driver::Runc,
             cpu: MilliCpu(8000),
             memory: MiB(16 * 1024),
+            region: "local".into(),
         },
         release_event(&app, 1, MANIFEST, 1),
     ])
@@ -787,6 +788,7 @@ async fn signal_reload_updates_running_instances_without_a_release() {
             driver: Driver::Runc,
             cpu: MilliCpu(8000),
             memory: MiB(16 * 1024),
+            region: "local".into(),
         },
         release_event(&app, 1, &manifest, 1),
     ])

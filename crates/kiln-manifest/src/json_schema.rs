@@ -159,6 +159,11 @@ fn ty(t: Ty) -> Value {
             "propertyNames": { "pattern": "^[A-Za-z_][A-Za-z0-9_]*$" },
             "additionalProperties": { "type": "string" }
         }),
+        Ty::RegionCounts => json!({
+            "type": "object",
+            "propertyNames": { "pattern": NAME_PATTERN },
+            "additionalProperties": { "type": "integer", "minimum": 0, "maximum": crate::MAX_COUNT }
+        }),
         Ty::Table(t) => reference(t),
         Ty::Tables(t) => json!({ "type": "array", "items": reference(t) }),
         Ty::NamedTables(t) => json!({

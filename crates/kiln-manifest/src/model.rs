@@ -45,9 +45,10 @@ impl Manifest {
 
     /// Instances the release wants of process group `p`: its count in every region.
     pub fn desired_count(&self, p: &Process) -> u32 {
-        p.scale
-            .count
-            .saturating_mul(self.regions.len().max(1) as u32)
+        self.regions
+            .iter()
+            .map(|r| p.scale.count_in(r))
+            .fold(0u32, u32::saturating_add)
     }
 
     /// Instances the release wants in all, over every group and region.
@@ -92,13 +93,16 @@ pub struct Process {
     pub services: Vec<Service>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "StoredScale")]
 pub struct Scale {
-    /// Instances per region.
+    /// Instances per region (every region `regions` does not name).
     pub count: u32,
     pub min: u32,
     pub max: u32,
+    /// Instances in the regions named here, instead of `count`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: BTreeMap<String, u32>,
 }
 
 impl Scale {
@@ -107,7 +111,13 @@ impl Scale {
             count,
             min: count,
             max: count,
+            regions: BTreeMap::new(),
         }
+    }
+
+    /// Instances this scale asks for in `region`.
+    pub fn count_in(&self, region: &str) -> u32 {
+        self.regions.get(region).copied().unwrap_or(self.count)
     }
 }
 
@@ -118,6 +128,8 @@ struct StoredScale {
     min: Option<u32>,
     #[serde(default)]
     max: Option<u32>,
+    #[serde(default)]
+    regions: BTreeMap<String, u32>,
 }
 
 impl From<StoredScale> for Scale {
@@ -126,6 +138,7 @@ impl From<StoredScale> for Scale {
             count: s.count,
             min: s.min.unwrap_or(s.count),
             max: s.max.unwrap_or(s.count),
+            regions: s.regions,
         }
     }
 }

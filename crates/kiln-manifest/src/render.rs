@@ -133,7 +133,7 @@ pub fn to_toml(m: &Manifest, style: Style) -> String {
 
     if top_level_group {
         let p = &m.processes[0];
-        scale(&mut w, "scale", p.scale);
+        scale(&mut w, "scale", &p.scale);
         for svc in &p.services {
             service(&mut w, "services", svc);
         }
@@ -225,13 +225,28 @@ pub fn to_toml(m: &Manifest, style: Style) -> String {
     w.out
 }
 
-fn scale(w: &mut W, name: &str, sc: Scale) {
+fn scale(w: &mut W, name: &str, sc: &Scale) {
+    let regions = sc
+        .regions
+        .iter()
+        .map(|(r, n)| format!("{r} = {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     w.table(
         name,
         &[
             ("count", sc.count.to_string(), sc.count == defaults::COUNT),
             ("min", sc.min.to_string(), sc.min == sc.count),
             ("max", sc.max.to_string(), sc.max == sc.count),
+            (
+                "regions",
+                if regions.is_empty() {
+                    "{}".to_owned()
+                } else {
+                    format!("{{ {regions} }}")
+                },
+                sc.regions.is_empty(),
+            ),
         ],
     );
 }
@@ -245,7 +260,7 @@ fn group(w: &mut W, p: &Process) {
     if let Some(c) = &p.command {
         w.kv("command", list(c));
     }
-    scale(w, &format!("{base}.scale"), p.scale);
+    scale(w, &format!("{base}.scale"), &p.scale);
     for svc in &p.services {
         service(w, &format!("{base}.services"), svc);
     }

@@ -43,6 +43,8 @@ pub(crate) enum Ty {
     CountOrPercent,
     /// A table of strings keyed by environment variable names.
     EnvMap,
+    /// A table of instance counts keyed by region name.
+    RegionCounts,
     Table(&'static Table),
     /// An array of tables (`[[name]]`).
     Tables(&'static Table),
@@ -295,6 +297,12 @@ pub(crate) static SCALE: Table = Table {
             Default::Derived("count"),
             "Upper bound for autoscaling; at least count.",
         ),
+        d(
+            "regions",
+            Ty::RegionCounts,
+            Default::Derived("count in every region"),
+            "Instances in the regions named here, instead of count; each a region of the app.",
+        ),
     ],
 };
 
@@ -528,6 +536,12 @@ impl Ty {
             Ty::Ports => "an array of ports (1 to 65535)".into(),
             Ty::CountOrPercent => "a count (integer ≥ 1) or a percentage like \"25%\"".into(),
             Ty::EnvMap => "a table of strings".into(),
+            Ty::RegionCounts => {
+                format!(
+                    "a table of instance counts (0 to {}) keyed by region, like {{ ams = 3 }}",
+                    crate::MAX_COUNT
+                )
+            }
             Ty::Table(_) => "a table".into(),
             Ty::Tables(_) => "an array of tables".into(),
             Ty::NamedTables(_) => "a table of named tables".into(),

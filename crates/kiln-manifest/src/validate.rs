@@ -546,7 +546,7 @@ pub(crate) fn manifest(cx: &mut Cx, root: &DeTable<'_>) -> Option<Manifest> {
     let top_entrypoint = cx.command(&top, "entrypoint");
     let top_scale = cx
         .subtable(&top, "scale", &schema::SCALE)
-        .map(|t| scale(cx, &t))
+        .map(|t| scale(cx, &t, &regions))
         .unwrap_or(Scale::fixed(defaults::COUNT));
 
     let processes = match top.get("processes") {
@@ -563,7 +563,7 @@ pub(crate) fn manifest(cx: &mut Cx, root: &DeTable<'_>) -> Option<Manifest> {
                     );
                 }
             }
-            process_groups(cx, v, &top_entrypoint, top_scale)
+            process_groups(cx, v, &top_entrypoint, &top_scale, &regions)
         }
         None => {
             let services = services(cx, &top);
@@ -704,7 +704,7 @@ fn vm(cx: &mut Cx, top: &Tbl<'_, '_>) -> Vm {
     vm
 }
 
-fn scale(cx: &mut Cx, t: &Tbl<'_, '_>) -> Scale {
+fn scale(cx: &mut Cx, t: &Tbl<'_, '_>, app_regions: &[String]) -> Scale {
     let count = cx
         .int(t, "count")
         .map_or(defaults::COUNT, |(n, _)| n as u32);
@@ -719,14 +719,83 @@ fn scale(cx: &mut Cx, t: &Tbl<'_, '_>) -> Scale {
             ),
         );
     }
-    Scale { count, min, max }
+    let regions = region_counts(cx, t, app_regions, min, max);
+    Scale {
+        count,
+        min,
+        max,
+        regions,
+    }
+}
+
+/// `[scale] regions = { ams = 3 }`: each key a region of the app, each count within min..=max.
+fn region_counts(
+    cx: &mut Cx,
+    t: &Tbl<'_, '_>,
+    app_regions: &[String],
+    min: u32,
+    max: u32,
+) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    let Some(v) = t.get("regions") else {
+        return out;
+    };
+    let DeValue::Table(map) = v.get_ref() else {
+        cx.mismatch(t, "regions", v);
+        return out;
+    };
+    let path = t.kp("regions");
+    for (k, val) in map.iter() {
+        let region = k.get_ref().as_ref();
+        if !app_regions.iter().any(|r| r == region) {
+            let hint = text::suggest(region, app_regions.iter().map(String::as_str))
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            cx.err(
+                k.span(),
+                format!(
+                    "`{path}.{region}`: not a region of the app (regions = [{}]){hint}",
+                    app_regions
+                        .iter()
+                        .map(|r| format!("{r:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            continue;
+        }
+        match int_of(val.get_ref()) {
+            Some(Some(n)) if (0..=crate::MAX_COUNT as i64).contains(&n) => {
+                let n = n as u32;
+                if n < min || n > max {
+                    cx.err(
+                        val.span(),
+                        format!(
+                            "`{path}.{region}`: expected a count from min = {min} to max = {max}, found {n}"
+                        ),
+                    );
+                }
+                out.insert(region.to_owned(), n);
+            }
+            _ => cx.err(
+                val.span(),
+                format!(
+                    "`{path}.{region}`: expected an instance count from 0 to {}, found {}",
+                    crate::MAX_COUNT,
+                    found(val.get_ref())
+                ),
+            ),
+        }
+    }
+    out
 }
 
 fn process_groups(
     cx: &mut Cx,
     v: &Value<'_>,
     top_entrypoint: &Option<Vec<String>>,
-    top_scale: Scale,
+    top_scale: &Scale,
+    app_regions: &[String],
 ) -> Vec<Process> {
     let DeValue::Table(map) = v.get_ref() else {
         cx.err(
@@ -756,8 +825,8 @@ fn process_groups(
         };
         let scale = cx
             .subtable(&t, "scale", &schema::SCALE)
-            .map(|s| scale(cx, &s))
-            .unwrap_or(top_scale);
+            .map(|s| scale(cx, &s, app_regions))
+            .unwrap_or_else(|| top_scale.clone());
         out.push(Process {
             name: name.to_owned(),
             entrypoint: cx

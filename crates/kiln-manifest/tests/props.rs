@@ -28,7 +28,15 @@ fn words() -> impl Strategy<Value = Vec<String>> {
 
 fn scale() -> impl Strategy<Value = Scale> {
     (0u32..=1000).prop_flat_map(|count| {
-        (0..=count, count..=1000).prop_map(move |(min, max)| Scale { count, min, max })
+        (0..=count, count..=1000).prop_flat_map(move |(min, max)| {
+            // Keys are indexes into the app's regions, made names in `manifest()`.
+            btree_map("[0-2]", min..=max, 0..3).prop_map(move |regions| Scale {
+                count,
+                min,
+                max,
+                regions,
+            })
+        })
     })
 }
 
@@ -169,6 +177,13 @@ fn manifest() -> impl Strategy<Value = Manifest> {
             // Ports and hostnames unique where the parser demands it.
             let mut next_port = 10_000u16;
             for (g, p) in processes.iter_mut().enumerate() {
+                p.scale.regions = std::mem::take(&mut p.scale.regions)
+                    .into_iter()
+                    .map(|(i, n)| {
+                        let i: usize = i.parse().expect("generated as a digit");
+                        (regions[i % regions.len()].clone(), n)
+                    })
+                    .collect();
                 for (i, s) in p.services.iter_mut().enumerate() {
                     s.internal_port = 1 + i as u16;
                     for port in s.ports.iter_mut() {

@@ -134,6 +134,12 @@ ALTER TABLE releases ADD COLUMN secrets_version BIGINT NOT NULL DEFAULT 0;
 "#,
         replay: true,
     },
+    // v7: the region each host is in. Registrations before regions existed carry none and mean
+    // `local`, which the default says, so no replay is needed.
+    ViewMigration {
+        sql: "ALTER TABLE hosts ADD COLUMN region TEXT NOT NULL DEFAULT 'local';",
+        replay: false,
+    },
 ];
 
 /// The current view schema version.
@@ -224,6 +230,7 @@ pub(crate) const VIEW_TABLES: &[ViewTable] = &[
             ("last_registered_at", Int),
             ("state", Text),
             ("state_reason", Text),
+            ("region", Text),
         ],
     },
     ViewTable {
@@ -351,7 +358,7 @@ pub(crate) const SET_RELEASE_STATE: &str =
     "UPDATE releases SET state = $2, reason = $3, updated_at = $4 WHERE id = $1";
 pub(crate) const UPDATE_HOST_STATE: &str =
     "UPDATE hosts SET state = $1, state_reason = $2 WHERE id = $3";
-pub(crate) const UPSERT_HOST: &str = "INSERT INTO hosts (id, name, idx, driver, cpu, memory, registered_at, last_registered_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (id) DO UPDATE SET name = excluded.name, driver = excluded.driver, cpu = excluded.cpu, memory = excluded.memory, last_registered_at = excluded.last_registered_at";
+pub(crate) const UPSERT_HOST: &str = "INSERT INTO hosts (id, name, idx, driver, cpu, memory, registered_at, last_registered_at, region) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) ON CONFLICT (id) DO UPDATE SET name = excluded.name, driver = excluded.driver, cpu = excluded.cpu, memory = excluded.memory, last_registered_at = excluded.last_registered_at, region = excluded.region";
 pub(crate) const INSERT_INSTANCE: &str = "INSERT INTO instances (id, app_id, release_id, release_version, host_id, spec, state, desired_running, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', TRUE, $7, $7)";
 pub(crate) const SET_INSTANCE_STATE: &str =
     "UPDATE instances SET state = $2, reason = $3, updated_at = $4 WHERE id = $1";
@@ -515,6 +522,7 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
             driver,
             cpu,
             memory,
+            region,
         } => vec![(
             UPSERT_HOST,
             vec![
@@ -525,6 +533,7 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
                 cpu.0.into(),
                 memory.0.into(),
                 at,
+                region.as_str().into(),
             ],
         )],
         Event::InstancePlaced { host_id, spec } => vec![(
@@ -797,6 +806,8 @@ pub struct HostRow {
     pub state: kiln_types::event::HostState,
     /// Why the host is in its state (missed heartbeats, who drained it).
     pub state_reason: Option<String>,
+    /// The region the host is in.
+    pub region: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -912,7 +923,7 @@ pub(crate) const RELEASE: Query = Query {
 };
 pub(crate) const HOSTS: Query = Query {
     name: "hosts",
-    sql: "SELECT id, name, idx, driver, cpu, memory, registered_at, last_registered_at, state, state_reason FROM hosts ORDER BY idx",
+    sql: "SELECT id, name, idx, driver, cpu, memory, registered_at, last_registered_at, state, state_reason, region FROM hosts ORDER BY idx",
 };
 pub(crate) const INSTANCES_ALL: Query = Query {
     name: "instances",
@@ -1043,6 +1054,7 @@ pub(crate) fn host_row(r: &dyn Cols) -> Result<HostRow, DbError> {
         last_registered_at: r.int(7)?,
         state: parsed(r, 8, kiln_types::event::HostState::parse)?,
         state_reason: r.opt_text(9)?,
+        region: r.text(10)?,
     })
 }
 

@@ -312,6 +312,7 @@ fn host_registered(host_id: &HostId, index: u16) -> Event {
         driver: Driver::Runc,
         cpu: MilliCpu(2000),
         memory: MiB(4096),
+        region: "local".into(),
     }
 }
 

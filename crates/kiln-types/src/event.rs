@@ -201,6 +201,9 @@ pub enum Event {
         /// Stored as `memory_mib` since schema version 2 (version 1 said `memory`).
         #[serde(rename = "memory_mib")]
         memory: MiB,
+        /// The region the host is in; absent (read as `local`) before regions existed.
+        #[serde(default = "local_region")]
+        region: String,
     },
     InstancePlaced {
         host_id: HostId,
@@ -552,6 +555,13 @@ pub struct Upcaster {
 
 /// Every upcasting step, for every event type whose payload has changed shape. Append only: a
 /// shipped step is never edited, because logs written by old builds depend on it.
+/// The region of hosts registered before hosts had one (the manifest's default region too).
+pub const LOCAL_REGION: &str = "local";
+
+fn local_region() -> String {
+    LOCAL_REGION.to_owned()
+}
+
 pub const UPCASTERS: &[Upcaster] = &[Upcaster {
     event_type: "host_registered",
     from_version: 1,

@@ -66,6 +66,9 @@ pub struct DevArgs {
     /// Size budget of the image cache in MiB; unused images beyond it are evicted.
     #[arg(long, default_value_t = 10_240)]
     pub image_cache_mib: u64,
+    /// The region this host is in (a DNS label); apps place instances in their `regions`.
+    #[arg(long, default_value = "local", value_parser = parse_region)]
+    pub region: String,
     /// Runtime driver of this host: `runc` (containers) or `qemu` (microVMs).
     #[arg(long, value_enum, default_value_t = DriverArg::Runc)]
     pub driver: DriverArg,
@@ -316,6 +319,7 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
         kiln_agent::AgentConfig {
             data_dir: data_dir.clone(),
             host_name: "dev".into(),
+            region: args.region.clone(),
             init_binary,
             runc: args.runc.clone(),
             cpu: kiln_types::MilliCpu::from_cpus(
@@ -878,6 +882,11 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_region(s: &str) -> Result<String, String> {
+    kiln_types::name::check_dns_label(s, 63).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
 }
 
 fn parse_ipv4_pool(s: &str) -> Result<kiln_types::net::Ipv4Pool, String> {

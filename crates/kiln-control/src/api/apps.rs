@@ -602,11 +602,30 @@ pub(super) async fn scale(
             )
         })?;
     let mut changed = Vec::new();
+    if body.region.is_some() && body.count.is_none() {
+        return Err(invalid("region applies to count: give count too".into()));
+    }
+    if let Some(region) = &body.region {
+        if !manifest.regions.contains(region) {
+            return Err(invalid(format!(
+                "{app} does not run in region {region:?}; its regions are {} (add the region to `regions` in kiln.toml and deploy)",
+                manifest.regions.join(", ")
+            )));
+        }
+    }
     if let Some(count) = body.count {
         let mut matched = false;
         for group in manifest.processes.iter_mut() {
             if body.process.as_deref().is_none_or(|p| p == group.name) {
-                group.scale.count = count;
+                match &body.region {
+                    Some(region) => {
+                        group.scale.regions.insert(region.clone(), count);
+                    }
+                    None => {
+                        group.scale.count = count;
+                        group.scale.regions.clear();
+                    }
+                }
                 group.scale.max = group.scale.max.max(count);
                 group.scale.min = group.scale.min.min(count);
                 matched = true;
@@ -620,10 +639,14 @@ pub(super) async fn scale(
                 names.join(", ")
             )));
         }
-        changed.push(match &body.process {
-            Some(p) => format!("count={count} process={p}"),
-            None => format!("count={count}"),
-        });
+        let mut what = format!("count={count}");
+        if let Some(p) = &body.process {
+            what.push_str(&format!(" process={p}"));
+        }
+        if let Some(r) = &body.region {
+            what.push_str(&format!(" region={r}"));
+        }
+        changed.push(what);
     }
     if let Some(cpus) = body.cpus {
         manifest.vm.cpus = cpus;

@@ -43,6 +43,10 @@ fn check_registration(body: &RegisterHost) -> ApiResult<()> {
             "memory must be 1 to {MAX_HOST_MEMORY_MIB} MiB"
         )));
     }
+    if let Some(region) = &body.region {
+        kiln_types::name::check_dns_label(region, 63)
+            .map_err(|e| bad(format!("region {region:?}: {e}")))?;
+    }
     Ok(())
 }
 
@@ -85,6 +89,10 @@ pub(super) async fn register_host(
         driver: body.driver,
         cpu: body.cpu,
         memory: body.memory,
+        region: body
+            .region
+            .clone()
+            .unwrap_or_else(|| kiln_types::event::LOCAL_REGION.to_owned()),
     };
     c.store
         .append(Append {
@@ -177,7 +185,8 @@ pub(super) async fn report_instance(
 
 #[utoipa::path(get, path = "/v1/hosts/placement", tag = "hosts",
     params(("app" = String, Query, description = "App name"),
-        ("process" = Option<String>, Query, description = "Process group (default: the first)")),
+        ("process" = Option<String>, Query, description = "Process group (default: the first)"),
+        ("region" = Option<String>, Query, description = "Region (default: the app's primary region)")),
     security(("bearer" = ["host"])),
     responses((status = 200, description = "Why each host would or would not get the app's next instance. Operator org only.", body = kiln_api::PlacementExplanation)))]
 pub(super) async fn explain_placement(
@@ -198,29 +207,34 @@ pub(super) async fn explain_placement(
         .app_by_name(q.app.clone())
         .await?
         .ok_or_else(|| ApiFailure::not_found("app", &q.app))?;
-    let e = crate::reconciler::explain_placement(&c, &app.id, q.process.as_deref())
-        .await
-        .map_err(|e| {
-            ApiFailure::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                crate::error::error_chain(&e),
-            )
-        })?
-        .ok_or_else(|| {
-            ApiFailure::new(
-                StatusCode::CONFLICT,
-                "nothing_to_place",
-                format!(
-                    "{} has no deploying or serving release{}",
-                    q.app,
-                    q.process
-                        .as_deref()
-                        .map(|p| format!(" with a process group {p:?}"))
-                        .unwrap_or_default()
-                ),
-            )
-        })?;
+    let e = crate::reconciler::explain_placement(
+        &c,
+        &app.id,
+        q.process.as_deref(),
+        q.region.as_deref(),
+    )
+    .await
+    .map_err(|e| {
+        ApiFailure::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            crate::error::error_chain(&e),
+        )
+    })?
+    .ok_or_else(|| {
+        ApiFailure::new(
+            StatusCode::CONFLICT,
+            "nothing_to_place",
+            format!(
+                "{} has no deploying or serving release{}",
+                q.app,
+                q.process
+                    .as_deref()
+                    .map(|p| format!(" with a process group {p:?}"))
+                    .unwrap_or_default()
+            ),
+        )
+    })?;
     Ok(Json(kiln_api::PlacementExplanation {
         chosen: e.outcome.as_ref().ok().cloned(),
         no_fit: e.outcome.as_ref().err().map(|n| n.to_string()),
@@ -241,5 +255,6 @@ pub(crate) fn host_view(h: kiln_store::HostRow) -> Host {
         last_registered_at: h.last_registered_at,
         state: h.state,
         state_reason: h.state_reason,
+        region: h.region,
     }
 }

@@ -174,6 +174,7 @@ impl Cluster {
                 driver: Driver::Runc,
                 cpu: MilliCpu(64_000),
                 memory: MiB(64 * 1024),
+                region: "local".into(),
             }],
         )
         .await;
