@@ -178,6 +178,27 @@ impl Client {
         self.send(path, rb).await
     }
 
+    /// The caller's org's quotas and usage.
+    pub async fn own_quotas(&self) -> Result<crate::OrgQuotas, ApiError> {
+        self.get("/v1/quotas").await
+    }
+
+    /// An org's quotas and usage (operator tokens).
+    pub async fn org_quotas(&self, org: &str) -> Result<crate::OrgQuotas, ApiError> {
+        self.get(&format!("/v1/orgs/{org}/quotas")).await
+    }
+
+    /// Replaces an org's quota overrides (operator tokens).
+    pub async fn set_org_quotas(
+        &self,
+        org: &str,
+        overrides: &kiln_types::event::QuotaOverrides,
+    ) -> Result<crate::OrgQuotas, ApiError> {
+        let path = format!("/v1/orgs/{org}/quotas");
+        let rb = self.req(reqwest::Method::PUT, &path).json(overrides);
+        self.send(&path, rb).await
+    }
+
     pub async fn whoami(&self) -> Result<WhoAmI, ApiError> {
         self.get("/v1/whoami").await
     }

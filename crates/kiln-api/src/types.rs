@@ -700,3 +700,27 @@ pub struct PlacementQuery {
     #[serde(default)]
     pub region: Option<String>,
 }
+
+/// One quota of an org: its limit and what the org uses of it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaLine {
+    /// `apps`, `instances`, `memory_mib`, `volumes` or `ipv4_addresses`.
+    pub name: String,
+    pub limit: u64,
+    /// What the org holds now (absent where it is not counted here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
+    /// The operator set this limit for the org (otherwise it is the platform default).
+    pub overridden: bool,
+}
+
+/// `GET /v1/quotas`, `GET|PUT /v1/orgs/{org}/quotas`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrgQuotas {
+    pub org: String,
+    pub quotas: Vec<QuotaLine>,
+    /// The limits set for this org in place of the defaults.
+    pub overrides: kiln_types::event::QuotaOverrides,
+}

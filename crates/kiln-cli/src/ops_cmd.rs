@@ -289,3 +289,104 @@ pub async fn debug(cmd: DebugCmd) -> Result<(), CliError> {
         }
     }
 }
+
+#[derive(Debug, Subcommand)]
+pub enum QuotasCmd {
+    /// Each quota's limit and usage: your org's, or (operator) another org's.
+    Show {
+        /// The org, by name or id (operator only; default: your own).
+        #[arg(long)]
+        org: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set an org's limits in place of the platform defaults (operator only); limits not given
+    /// keep their current value.
+    Set {
+        /// The org, by name or id.
+        org: String,
+        #[arg(long)]
+        apps: Option<u64>,
+        #[arg(long)]
+        instances: Option<u64>,
+        /// MiB of instance memory.
+        #[arg(long)]
+        memory: Option<u64>,
+        #[arg(long)]
+        volumes: Option<u64>,
+        /// Dedicated IPv4 addresses.
+        #[arg(long)]
+        ipv4: Option<u64>,
+    },
+    /// Give an org the platform defaults again (operator only).
+    Reset {
+        /// The org, by name or id.
+        org: String,
+    },
+}
+
+fn print_quotas(q: &kiln_api::OrgQuotas, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(q).unwrap_or_default());
+        return;
+    }
+    println!("Quotas of org {}:", q.org);
+    println!("{:<16} {:>12} {:>12}", "QUOTA", "USED", "LIMIT");
+    for l in &q.quotas {
+        println!(
+            "{:<16} {:>12} {:>12}{}",
+            l.name,
+            l.used.map_or_else(|| "-".to_owned(), |u| u.to_string()),
+            l.limit,
+            if l.overridden {
+                "  (set for this org)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+pub async fn quotas(cmd: QuotasCmd) -> Result<(), CliError> {
+    let c = client(&context::current()?)?;
+    match cmd {
+        QuotasCmd::Show { org, json } => {
+            let q = match org {
+                Some(org) => c.org_quotas(&org).await?,
+                None => c.own_quotas().await?,
+            };
+            print_quotas(&q, json);
+        }
+        QuotasCmd::Set {
+            org,
+            apps,
+            instances,
+            memory,
+            volumes,
+            ipv4,
+        } => {
+            if [apps, instances, memory, volumes, ipv4]
+                .iter()
+                .all(Option::is_none)
+            {
+                return Err(
+                    CliError::new(crate::exit::USAGE, "nothing to set".to_string()).hint(
+                        "pass one or more of --apps, --instances, --memory, --volumes, --ipv4",
+                    ),
+                );
+            }
+            let mut o = c.org_quotas(&org).await?.overrides;
+            o.apps = apps.or(o.apps);
+            o.instances = instances.or(o.instances);
+            o.memory_mib = memory.or(o.memory_mib);
+            o.volumes = volumes.or(o.volumes);
+            o.ipv4_addresses = ipv4.or(o.ipv4_addresses);
+            print_quotas(&c.set_org_quotas(&org, &o).await?, false);
+        }
+        QuotasCmd::Reset { org } => {
+            print_quotas(&c.set_org_quotas(&org, &Default::default()).await?, false);
+        }
+    }
+    Ok(())
+}

@@ -5,18 +5,30 @@
 //! and memory its apps' current releases want (the newest release that is deploying or healthy,
 //! per app), and its dedicated IPv4 addresses. A refusal is 409 `quota_exceeded` naming the quota,
 //! the usage, the limit and who can raise it; nothing is appended.
+//!
+//! Limits are the platform's defaults (`ControlConfig::quotas`) unless the operator set others for
+//! the org (`org_quotas_set`, `PUT /v1/orgs/{org}/quotas`, `kiln quotas set`); `GET /v1/quotas`
+//! shows an org its limits and usage.
 
-use axum::http::StatusCode;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
 
-use kiln_store::{Allocation, ReleaseRow};
-use kiln_types::event::ReleaseState;
+use kiln_api::{OrgQuotas, QuotaLine};
+use kiln_store::{Allocation, Append, NewEvent, OrgRow, ReleaseRow};
+use kiln_types::event::{Event, QuotaOverrides, ReleaseState};
 use kiln_types::{AppId, OrgId};
 
+use crate::api::{metadata, require_infra};
+use crate::auth::{Principal, Scope};
 use crate::error::ApiFailure;
 use crate::Control;
 
+type ApiResult<T> = Result<T, ApiFailure>;
+
 /// Limits per org. The defaults are the documented fair-use limits
-/// (docs/specs/scheduler/quotas-and-fairness.md), the same for every org (`ControlConfig::quotas`).
+/// (docs/specs/scheduler/quotas-and-fairness.md), the same for every org (`ControlConfig::quotas`)
+/// unless the operator overrides them for one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quotas {
     pub apps: u64,
@@ -24,6 +36,8 @@ pub struct Quotas {
     pub instances: u64,
     /// Memory (MiB) of those instances.
     pub memory_mib: u64,
+    /// Volumes the org's apps hold.
+    pub volumes: u64,
     pub ipv4_addresses: u64,
 }
 
@@ -33,9 +47,34 @@ impl Default for Quotas {
             apps: 100,
             instances: 500,
             memory_mib: 512 * 1024,
+            volumes: 200,
             ipv4_addresses: 5,
         }
     }
+}
+
+impl Quotas {
+    /// These defaults with an org's overrides on top.
+    pub fn with(self, o: &QuotaOverrides) -> Quotas {
+        Quotas {
+            apps: o.apps.unwrap_or(self.apps),
+            instances: o.instances.unwrap_or(self.instances),
+            memory_mib: o.memory_mib.unwrap_or(self.memory_mib),
+            volumes: o.volumes.unwrap_or(self.volumes),
+            ipv4_addresses: o.ipv4_addresses.unwrap_or(self.ipv4_addresses),
+        }
+    }
+}
+
+/// The limits that apply to `org`.
+async fn limits(c: &Control, org: &OrgId) -> Result<Quotas, ApiFailure> {
+    let overrides = c
+        .store
+        .org(org.clone())
+        .await?
+        .map(|o| o.quotas)
+        .unwrap_or_default();
+    Ok(c.config.quotas.with(&overrides))
 }
 
 fn exceeded(what: &str, used: u64, asked: u64, limit: u64) -> ApiFailure {
@@ -49,11 +88,45 @@ fn exceeded(what: &str, used: u64, asked: u64, limit: u64) -> ApiFailure {
     )
 }
 
+/// What an org holds now, quota by quota.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Usage {
+    apps: u64,
+    instances: u64,
+    memory_mib: u64,
+    ipv4_addresses: u64,
+}
+
+async fn usage(c: &Control, org: &OrgId) -> Result<Usage, ApiFailure> {
+    let apps = c.store.apps(Some(org.clone())).await?;
+    let mut u = Usage {
+        apps: apps.len() as u64,
+        ..Default::default()
+    };
+    for a in &apps {
+        if let Some(r) = current(&c.store.releases(a.id.clone()).await?) {
+            let (n, m) = wants(&r.manifest);
+            u.instances += n;
+            u.memory_mib += m;
+        }
+    }
+    let ids: std::collections::BTreeSet<&AppId> = apps.iter().map(|a| &a.id).collect();
+    u.ipv4_addresses = c
+        .store
+        .allocations()
+        .await?
+        .into_iter()
+        .filter(|a| ids.contains(&a.app_id) && matches!(a.allocation, Allocation::DedicatedIpv4(_)))
+        .count() as u64;
+    Ok(u)
+}
+
 /// Refuses an app beyond the org's apps quota.
 pub(crate) async fn check_new_app(c: &Control, org: &OrgId) -> Result<(), ApiFailure> {
     let used = c.store.apps(Some(org.clone())).await?.len() as u64;
-    if used + 1 > c.config.quotas.apps {
-        return Err(exceeded("apps", used, 1, c.config.quotas.apps));
+    let limit = limits(c, org).await?.apps;
+    if used + 1 > limit {
+        return Err(exceeded("apps", used, 1, limit));
     }
     Ok(())
 }
@@ -97,7 +170,7 @@ pub(crate) async fn check_release(
         }
     }
     let (n, m) = wants(manifest);
-    let q = c.config.quotas;
+    let q = limits(c, org).await?;
     if instances + n > q.instances {
         return Err(exceeded("instances", instances, n, q.instances));
     }
@@ -125,13 +198,134 @@ pub(crate) async fn check_ipv4(c: &Control, org: &OrgId) -> Result<(), ApiFailur
             apps.contains(&a.app_id) && matches!(a.allocation, Allocation::DedicatedIpv4(_))
         })
         .count() as u64;
-    if used + 1 > c.config.quotas.ipv4_addresses {
-        return Err(exceeded(
-            "dedicated IPv4 addresses",
-            used,
-            1,
-            c.config.quotas.ipv4_addresses,
-        ));
+    let limit = limits(c, org).await?.ipv4_addresses;
+    if used + 1 > limit {
+        return Err(exceeded("dedicated IPv4 addresses", used, 1, limit));
     }
     Ok(())
+}
+
+fn report(org: &OrgRow, q: Quotas, u: Usage) -> OrgQuotas {
+    let o = &org.quotas;
+    let line = |name: &str, limit: u64, used: Option<u64>, set: Option<u64>| QuotaLine {
+        name: name.to_owned(),
+        limit,
+        used,
+        overridden: set.is_some(),
+    };
+    OrgQuotas {
+        org: org.name.clone(),
+        quotas: vec![
+            line("apps", q.apps, Some(u.apps), o.apps),
+            line("instances", q.instances, Some(u.instances), o.instances),
+            line("memory_mib", q.memory_mib, Some(u.memory_mib), o.memory_mib),
+            // Usage of volumes is counted where volumes are placed, not here.
+            line("volumes", q.volumes, None, o.volumes),
+            line(
+                "ipv4_addresses",
+                q.ipv4_addresses,
+                Some(u.ipv4_addresses),
+                o.ipv4_addresses,
+            ),
+        ],
+        overrides: *o,
+    }
+}
+
+async fn org_report(c: &Control, org: &OrgRow) -> ApiResult<OrgQuotas> {
+    let q = c.config.quotas.with(&org.quotas);
+    let u = usage(c, &org.id).await?;
+    Ok(report(org, q, u))
+}
+
+/// An org by name or id, for the operator's routes; anything else answers 404.
+async fn org_named(c: &Control, org: &str) -> ApiResult<OrgRow> {
+    if let Ok(id) = org.parse::<OrgId>() {
+        if let Some(row) = c.store.org(id).await? {
+            return Ok(row);
+        }
+    }
+    c.store
+        .org_by_name(org.to_owned())
+        .await?
+        .ok_or_else(|| ApiFailure::not_found("org", org))
+}
+
+#[utoipa::path(get, path = "/v1/quotas", tag = "orgs",
+    security(("bearer" = ["read"])),
+    responses((status = 200, description = "The caller's org: each quota's limit and what the org uses of it.", body = OrgQuotas)))]
+pub(crate) async fn own_quotas(
+    State(c): State<std::sync::Arc<Control>>,
+    p: Principal,
+) -> ApiResult<Json<OrgQuotas>> {
+    p.require(Scope::Read)?;
+    let org = c
+        .store
+        .org(p.org_id.clone())
+        .await?
+        .ok_or_else(|| ApiFailure::not_found("org", p.org_id.as_str()))?;
+    Ok(Json(org_report(&c, &org).await?))
+}
+
+#[utoipa::path(get, path = "/v1/orgs/{org}/quotas", tag = "orgs",
+    params(("org" = String, Path, description = "Org name or id")),
+    security(("bearer" = ["admin"])),
+    responses((status = 200, description = "Any org's quotas and usage. Operator org only.", body = OrgQuotas)))]
+pub(crate) async fn org_quotas(
+    State(c): State<std::sync::Arc<Control>>,
+    p: Principal,
+    Path(org): Path<String>,
+) -> ApiResult<Json<OrgQuotas>> {
+    require_infra(&c, &p, Scope::Admin).await?;
+    let row = org_named(&c, &org).await?;
+    Ok(Json(org_report(&c, &row).await?))
+}
+
+/// Largest limit an override may set (the views store integers as signed 64-bit).
+const MAX_LIMIT: u64 = 1 << 40;
+
+#[utoipa::path(put, path = "/v1/orgs/{org}/quotas", tag = "orgs", request_body = QuotaOverrides,
+    params(("org" = String, Path, description = "Org name or id")),
+    security(("bearer" = ["admin"])),
+    responses((status = 200, description = "The org's overrides replaced (a limit left out is the platform default again). Operator org only.", body = OrgQuotas)))]
+pub(crate) async fn set_org_quotas(
+    State(c): State<std::sync::Arc<Control>>,
+    p: Principal,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<QuotaOverrides>,
+) -> ApiResult<Json<OrgQuotas>> {
+    require_infra(&c, &p, Scope::Admin).await?;
+    let row = org_named(&c, &org).await?;
+    for (name, v) in [
+        ("apps", body.apps),
+        ("instances", body.instances),
+        ("memory_mib", body.memory_mib),
+        ("volumes", body.volumes),
+        ("ipv4_addresses", body.ipv4_addresses),
+    ] {
+        if v.is_some_and(|n| n > MAX_LIMIT) {
+            return Err(ApiFailure::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_quota",
+                format!("{name} must be at most {MAX_LIMIT}"),
+            ));
+        }
+    }
+    c.store
+        .append(Append {
+            events: vec![NewEvent::any(Event::OrgQuotasSet {
+                org_id: row.id.clone(),
+                quotas: body,
+            })],
+            metadata: metadata(&p, &headers),
+            idempotency: None,
+        })
+        .await?;
+    tracing::info!(org_id = %row.id, "org quotas set");
+    let row = OrgRow {
+        quotas: body,
+        ..row
+    };
+    Ok(Json(org_report(&c, &row).await?))
 }

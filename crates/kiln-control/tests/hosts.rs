@@ -539,6 +539,7 @@ async fn quotas_refuse_what_an_org_may_not_hold_and_say_which() {
                 apps: 2,
                 instances: 3,
                 memory_mib: 100_000,
+                volumes: 10,
                 ipv4_addresses: 1,
             },
             ipv4_pool: Some(kiln_types::net::Ipv4Pool::parse("203.0.113.0/29").unwrap()),
@@ -588,6 +589,107 @@ async fn quotas_refuse_what_an_org_may_not_hold_and_say_which() {
     let err = api.allocate_ipv4("second", "q4").await.unwrap_err();
     assert_eq!(err.code(), Some("quota_exceeded"), "{err}");
     assert!(err.to_string().contains("IPv4"), "{err}");
+
+    // The org sees its limits and usage.
+    let own = api.own_quotas().await.unwrap();
+    let line = |q: &kiln_api::OrgQuotas, name: &str| {
+        q.quotas.iter().find(|l| l.name == name).unwrap().clone()
+    };
+    assert_eq!(own.org, "operator");
+    assert_eq!(
+        (line(&own, "instances").used, line(&own, "instances").limit),
+        (Some(3), 3)
+    );
+    assert_eq!(line(&own, "ipv4_addresses").used, Some(1));
+    assert!(!line(&own, "apps").overridden);
+
+    // The operator raises one org's limit: what was refused now fits.
+    let raised = api
+        .set_org_quotas(
+            "operator",
+            &kiln_types::event::QuotaOverrides {
+                instances: Some(4),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(line(&raised, "instances").overridden);
+    assert_eq!(line(&raised, "instances").limit, 4);
+    api.scale("web", &scale(4), "q5").await.unwrap();
+
+    // A tenant org with a lower apps limit: refused at its own limit, which it can read but not
+    // change; a reset gives it the defaults again.
+    let tenant_org = kiln_types::OrgId::generate();
+    fx.append(vec![Event::OrgCreated {
+        org_id: tenant_org.clone(),
+        name: "tenant".into(),
+    }])
+    .await;
+    let token = fx
+        .control
+        .create_token(&tenant_org, "t", &[Scope::Admin])
+        .await
+        .unwrap();
+    let tenant = Client::new(&fx.url, &token).unwrap();
+    api.set_org_quotas(
+        tenant_org.as_str(),
+        &kiln_types::event::QuotaOverrides {
+            apps: Some(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    tenant.create_app(&"t1".parse().unwrap()).await.unwrap();
+    let err = tenant.create_app(&"t2".parse().unwrap()).await.unwrap_err();
+    assert!(err.to_string().contains("apps quota is 1"), "{err}");
+    let seen = tenant.own_quotas().await.unwrap();
+    assert_eq!(
+        (line(&seen, "apps").used, line(&seen, "apps").limit),
+        (Some(1), 1)
+    );
+    assert!(line(&seen, "apps").overridden);
+    let err = tenant
+        .set_org_quotas("tenant", &Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("insufficient_scope"), "{err}");
+    let err = tenant.org_quotas("operator").await.unwrap_err();
+    assert_eq!(err.code(), Some("insufficient_scope"), "{err}");
+    let err = api.org_quotas("nope").await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"), "{err}");
+    let err = api
+        .set_org_quotas(
+            "tenant",
+            &kiln_types::event::QuotaOverrides {
+                apps: Some(u64::MAX),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("invalid_quota"), "{err}");
+    api.set_org_quotas("tenant", &Default::default())
+        .await
+        .unwrap();
+    tenant.create_app(&"t2".parse().unwrap()).await.unwrap();
+
+    // The overrides live in the org's view row: reset clears them, a set keeps them.
+    let before = fx
+        .store
+        .org_by_name("tenant".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(before.quotas, Default::default());
+    let op = fx
+        .store
+        .org_by_name("operator".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(op.quotas.instances, Some(4));
 }
 
 #[tokio::test]

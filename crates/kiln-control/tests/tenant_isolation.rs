@@ -54,7 +54,9 @@ fn own_ids(c: &Cluster, t: &Tenant) -> impl Fn(&str) -> String {
     let token = t.admin_token_id.clone();
     let instance = t.instance.clone().unwrap().to_string();
     let host = c.host.to_string();
+    let org = t.org.to_string();
     move |p: &str| match p {
+        "org" => org.clone(),
         "app" => app.clone(),
         "version" => "1".into(),
         "instance" => instance.clone(),
@@ -77,6 +79,7 @@ fn missing_ids(p: &str) -> String {
         "session" => "exs_ghost".into(),
         "id" => kiln_types::TokenId::generate().to_string(),
         "address" => "203.0.113.9".into(),
+        "org" => kiln_types::OrgId::generate().to_string(),
         other => panic!("path parameter {{{other}}}: teach tenant_isolation.rs a missing value"),
     }
 }
@@ -112,6 +115,7 @@ fn sample_body(op: &Value, n: usize) -> Option<String> {
         "CreateToken" => json!({"name": format!("walk{n}")}),
         "SetSecrets" => json!({"secrets": {"WALK": "x"}}),
         "UnsetSecrets" => json!({"names": ["WALK"]}),
+        "QuotaOverrides" => json!({"apps": 50}),
         other => panic!("request body {other:?}: add a valid sample to tenant_isolation.rs"),
     };
     Some(body.to_string())
@@ -174,11 +178,12 @@ async fn every_operation_keeps_tenants_apart() {
                 .iter()
                 .map(|s| scope_of(s.as_str().unwrap()))
                 .collect();
-            // Hosts are the platform's: the operator org acts on them.
+            // Hosts and orgs' limits are the platform's: the operator org acts on them.
             let infra = scopes
                 .iter()
                 .any(|s| matches!(s, Scope::Host | Scope::Edge))
-                || template.starts_with("/v1/hosts");
+                || template.starts_with("/v1/hosts")
+                || template.starts_with("/v1/orgs");
             let owner = if infra { &c.operator } else { &c.a };
             let has_params = template.contains('{');
             let own_path = fill(template, own_ids(&c, &c.a));

@@ -140,6 +140,12 @@ ALTER TABLE releases ADD COLUMN secrets_version BIGINT NOT NULL DEFAULT 0;
         sql: "ALTER TABLE hosts ADD COLUMN region TEXT NOT NULL DEFAULT 'local';",
         replay: false,
     },
+    // v8: per-org quota overrides (JSON of `QuotaOverrides`; NULL: the platform defaults). No
+    // event set them before, so no replay is needed.
+    ViewMigration {
+        sql: "ALTER TABLE orgs ADD COLUMN quotas TEXT;",
+        replay: false,
+    },
 ];
 
 /// The current view schema version.
@@ -168,7 +174,12 @@ pub(crate) const VIEW_TABLES: &[ViewTable] = &[
     ViewTable {
         name: "orgs",
         key: "id",
-        cols: &[("id", Text), ("name", Text), ("created_at", Int)],
+        cols: &[
+            ("id", Text),
+            ("name", Text),
+            ("created_at", Int),
+            ("quotas", Text),
+        ],
     },
     ViewTable {
         name: "tokens",
@@ -341,6 +352,7 @@ impl ViewTable {
 pub(crate) type Write = (&'static str, Vec<Val>);
 
 pub(crate) const INSERT_ORG: &str = "INSERT INTO orgs (id, name, created_at) VALUES ($1, $2, $3)";
+pub(crate) const SET_ORG_QUOTAS: &str = "UPDATE orgs SET quotas = $1 WHERE id = $2";
 pub(crate) const INSERT_TOKEN: &str = "INSERT INTO tokens (id, org_id, name, hash, scopes, expires_at, created_at, user_id, app_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 pub(crate) const REVOKE_TOKEN: &str =
     "UPDATE tokens SET revoked_at = $3 WHERE id = $1 AND org_id = $2 AND revoked_at IS NULL";
@@ -708,6 +720,17 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
         Event::SecretsDelivered { .. } => vec![],
         // The audit trail is read from the log itself.
         Event::AuditRecorded { .. } => vec![],
+        Event::OrgQuotasSet { org_id, quotas } => vec![(
+            SET_ORG_QUOTAS,
+            vec![
+                if *quotas == Default::default() {
+                    None::<String>.into()
+                } else {
+                    serde_json::to_string(quotas).unwrap_or_default().into()
+                },
+                org_id.as_str().into(),
+            ],
+        )],
     }
 }
 
@@ -762,6 +785,8 @@ pub struct OrgRow {
     pub id: OrgId,
     pub name: String,
     pub created_at: UnixMillis,
+    /// Limits the operator set for this org in place of the platform defaults.
+    pub quotas: kiln_types::event::QuotaOverrides,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -883,11 +908,11 @@ pub(crate) const MEMBERSHIPS_OF_USER: Query = Query {
 };
 pub(crate) const ORG_BY_NAME: Query = Query {
     name: "org_by_name",
-    sql: "SELECT id, name, created_at FROM orgs WHERE name = $1 ORDER BY created_at, id",
+    sql: "SELECT id, name, created_at, quotas FROM orgs WHERE name = $1 ORDER BY created_at, id",
 };
 pub(crate) const ORG_BY_ID: Query = Query {
     name: "org_by_id",
-    sql: "SELECT id, name, created_at FROM orgs WHERE id = $1",
+    sql: "SELECT id, name, created_at, quotas FROM orgs WHERE id = $1",
 };
 pub(crate) const ORGS_COUNT: Query = Query {
     name: "orgs_count",
@@ -1000,6 +1025,13 @@ pub(crate) fn org_row(r: &dyn Cols) -> Result<OrgRow, DbError> {
         id: parsed(r, 0, parse)?,
         name: r.text(1)?,
         created_at: r.int(2)?,
+        quotas: match r.opt_text(3)? {
+            Some(json) => serde_json::from_str(&json).map_err(|_| DbError::Column {
+                column: 3,
+                value: json,
+            })?,
+            None => Default::default(),
+        },
     })
 }
 

@@ -337,6 +337,12 @@ pub enum Event {
         #[serde(default)]
         code: Option<String>,
     },
+    /// The platform operator set an org's quotas: each limit given replaces the platform default
+    /// for that org; one left out (null) is the default again. Replaces the previous overrides.
+    OrgQuotasSet {
+        org_id: OrgId,
+        quotas: QuotaOverrides,
+    },
 }
 
 /// What a member may do in an org; each role maps to a fixed set of token scopes
@@ -396,6 +402,7 @@ impl Event {
         "secrets_unset",
         "secrets_delivered",
         "audit_recorded",
+        "org_quotas_set",
     ];
 
     /// The payload schema version this build writes for an event type (`None` for a type it does
@@ -488,6 +495,7 @@ impl Event {
             Self::SecretsUnset { .. } => "secrets_unset",
             Self::SecretsDelivered { .. } => "secrets_delivered",
             Self::AuditRecorded { .. } => "audit_recorded",
+            Self::OrgQuotasSet { .. } => "org_quotas_set",
         }
     }
 
@@ -497,6 +505,7 @@ impl Event {
             Self::OrgCreated { org_id, .. }
             | Self::TokenCreated { org_id, .. }
             | Self::AuditRecorded { org_id, .. }
+            | Self::OrgQuotasSet { org_id, .. }
             | Self::DataKeyCreated { org_id, .. }
             | Self::DataKeyRewrapped { org_id, .. }
             | Self::TokenRevoked { org_id, .. }
@@ -544,6 +553,29 @@ impl Event {
     }
 }
 
+/// Per-org limits that replace the platform's defaults; `None` keeps the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct QuotaOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_addresses: Option<u64>,
+}
+
+/// The region of hosts registered before hosts had one (the manifest's default region too).
+pub const LOCAL_REGION: &str = "local";
+
+fn local_region() -> String {
+    LOCAL_REGION.to_owned()
+}
+
 /// One step of payload evolution: turns a payload of `event_type` at `from_version` into the
 /// same event at `from_version + 1`. Steps are pure JSON rewrites, so the log is never rewritten:
 /// old rows are upcast every time they are read.
@@ -555,13 +587,6 @@ pub struct Upcaster {
 
 /// Every upcasting step, for every event type whose payload has changed shape. Append only: a
 /// shipped step is never edited, because logs written by old builds depend on it.
-/// The region of hosts registered before hosts had one (the manifest's default region too).
-pub const LOCAL_REGION: &str = "local";
-
-fn local_region() -> String {
-    LOCAL_REGION.to_owned()
-}
-
 pub const UPCASTERS: &[Upcaster] = &[Upcaster {
     event_type: "host_registered",
     from_version: 1,

@@ -34,7 +34,8 @@ fn owner(e: &Event) -> Owner<'_> {
         | Event::MembershipGranted { org_id, .. }
         | Event::MembershipRevoked { org_id, .. }
         | Event::DataKeyCreated { org_id, .. }
-        | Event::DataKeyRewrapped { org_id, .. } => Owner::Org(org_id),
+        | Event::DataKeyRewrapped { org_id, .. }
+        | Event::OrgQuotasSet { org_id, .. } => Owner::Org(org_id),
         Event::AppCreated { app_id, .. }
         | Event::ReleaseCreated { app_id, .. }
         | Event::ReleaseStateChanged { app_id, .. }

@@ -115,6 +115,11 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
         .route("/v1/apps/{app}/rollback", post(rollback))
         .route("/v1/apps/{app}/scale", post(scale))
         .route("/v1/hosts/placement", get(explain_placement))
+        .route("/v1/quotas", get(crate::quotas::own_quotas))
+        .route(
+            "/v1/orgs/{org}/quotas",
+            get(crate::quotas::org_quotas).put(crate::quotas::set_org_quotas),
+        )
         .merge(crate::secrets_api::routes())
         // Layers run bottom-up on the way in: the last added is the outermost.
         .layer(DefaultBodyLimit::max(MAX_BODY))
