@@ -379,6 +379,24 @@ impl Client {
         Ok(())
     }
 
+    /// Destroys an app (`confirm` must be its name).
+    pub async fn destroy_app(&self, app: &str, confirm: &str) -> Result<(), ApiError> {
+        let path = format!("/v1/apps/{app}");
+        let resp = self
+            .req(reqwest::Method::DELETE, &path)
+            .query(&[("confirm", confirm)])
+            .send()
+            .await
+            .map_err(|source| ApiError::Connect {
+                url: self.base.clone(),
+                source,
+            })?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        Err(problem_of(resp).await)
+    }
+
     pub async fn status(&self, app: &str) -> Result<AppStatus, ApiError> {
         self.get(&format!("/v1/apps/{app}/status")).await
     }

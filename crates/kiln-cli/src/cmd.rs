@@ -85,6 +85,14 @@ pub enum AppsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Destroy an app: its instances stop, its releases, secrets and addresses go, its name is
+    /// free again. Cannot be undone.
+    Destroy {
+        name: String,
+        /// Do not ask to type the name again.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -268,6 +276,33 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 "Created app {} ({}), reachable at {} once deployed",
                 app.name, app.id, app.hostname
             );
+            Ok(())
+        }
+        Command::Apps(AppsCmd::Destroy { name, yes }) => {
+            if !yes {
+                use std::io::{BufRead, IsTerminal, Write};
+                if !std::io::stdin().is_terminal() {
+                    return Err(CliError::new(
+                        exit::USAGE,
+                        format!("destroying {name} cannot be undone and needs confirmation"),
+                    )
+                    .hint(format!("run `kiln apps destroy {name} --yes`")));
+                }
+                print!("Destroying {name} stops all its instances and cannot be undone. Type its name to confirm: ");
+                std::io::stdout().flush().ok();
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line).ok();
+                if line.trim() != name {
+                    return Err(CliError::new(
+                        exit::USAGE,
+                        "not confirmed; nothing was destroyed".to_string(),
+                    ));
+                }
+            }
+            client(&context::current()?)?
+                .destroy_app(&name, &name)
+                .await?;
+            println!("Destroyed app {name}: its instances are stopping");
             Ok(())
         }
         Command::Apps(AppsCmd::List { json }) => {

@@ -553,8 +553,8 @@ fn command_checker_rejects_what_kiln_lacks() {
     assert!(check_command(&cli, "kiln apps create demo").is_ok());
     assert!(check_command(&cli, "kiln deploy --config kiln.toml --image x").is_ok());
     assert!(check_command(&cli, "kiln status -a demo --json").is_ok());
-    assert!(check_command(&cli, "kiln apps destroy demo").is_err());
-    assert!(check_command(&cli, "kiln volumes list").is_err());
+    assert!(check_command(&cli, "kiln apps rename demo").is_err());
+    assert!(check_command(&cli, "kiln widgets list").is_err());
     assert!(check_command(&cli, "kiln deploy --strategy canary").is_err());
     assert!(check_command(&cli, "kiln apps").is_err());
     let block = "```text\nkiln logs\n```\n```sh\n$ kiln whoami\nkiln deploy \\\n  --detach\n```\n";

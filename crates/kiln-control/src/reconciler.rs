@@ -169,6 +169,13 @@ impl Reconciler {
                 plan.stop(i, "host down");
             }
         }
+        // Instances of a destroyed app (gone from the views with its releases) stop.
+        let app_ids: std::collections::BTreeSet<&AppId> = apps.iter().map(|a| &a.id).collect();
+        for i in &instances {
+            if i.desired_running && !app_ids.contains(&i.app_id) {
+                plan.stop(i, "app destroyed");
+            }
+        }
         // Views in this pass still show those instances live: act on them from the next pass.
         if plan
             .events

@@ -527,6 +527,85 @@ async fn instances_are_placed_per_region_on_the_hosts_of_that_region() {
 }
 
 #[tokio::test]
+async fn a_destroyed_app_stops_its_instances_and_frees_its_name() {
+    let fx = fixture(Duration::from_secs(60)).await;
+    let agent = fx.client(&[Scope::Host]).await;
+    register(&agent, "a").await;
+    let app_id = fx.app_with_release('1').await;
+    let reconciler = Reconciler::new(fx.control.clone());
+    reconciler.pass().await.unwrap();
+    let live = fx.live().await;
+    assert_eq!(live.len(), 1);
+    healthy(&agent, &live[0]).await;
+    reconciler.pass().await.unwrap();
+    let edge = fx.client(&[Scope::Edge]).await;
+    let routes = edge.routes(0, Duration::ZERO).await.unwrap();
+    assert!(
+        routes.routes.iter().any(|r| r.app.as_str() == "web"),
+        "{routes:?}"
+    );
+
+    let admin = fx.client(&[Scope::Admin]).await;
+    // Without the name repeated, or with another, nothing happens.
+    for confirm in ["", "wbe"] {
+        let err = admin.destroy_app("web", confirm).await.unwrap_err();
+        assert_eq!(err.code(), Some("confirmation_required"), "{err}");
+    }
+    // Deploy tokens cannot destroy; another org's admin does not see the app.
+    let deployer = fx.client(&[Scope::Deploy]).await;
+    let err = deployer.destroy_app("web", "web").await.unwrap_err();
+    assert_eq!(err.code(), Some("insufficient_scope"), "{err}");
+    let other_org = kiln_types::OrgId::generate();
+    fx.append(vec![Event::OrgCreated {
+        org_id: other_org.clone(),
+        name: "tenant".into(),
+    }])
+    .await;
+    let token = fx
+        .control
+        .create_token(&other_org, "t", &[Scope::Admin])
+        .await
+        .unwrap();
+    let tenant = Client::new(&fx.url, &token).unwrap();
+    let err = tenant.destroy_app("web", "web").await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"), "{err}");
+    assert_eq!(fx.live().await.len(), 1);
+
+    admin.destroy_app("web", "web").await.unwrap();
+    let err = admin.status("web").await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"), "{err}");
+    assert!(fx.store.releases(app_id.clone()).await.unwrap().is_empty());
+    reconciler.pass().await.unwrap();
+    let gone = fx
+        .store
+        .instance(live[0].id.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!gone.desired_running, "{gone:?}");
+    assert!(fx.live().await.is_empty());
+    let routes = edge.routes(0, Duration::ZERO).await.unwrap();
+    assert!(
+        !routes.routes.iter().any(|r| r.app.as_str() == "web"),
+        "{routes:?}"
+    );
+    // Further passes place nothing for it.
+    reconciler.pass().await.unwrap();
+    assert!(fx.live().await.is_empty());
+
+    // The name is free: a new app of that name starts empty.
+    let again = admin.create_app(&"web".parse().unwrap()).await.unwrap();
+    assert_ne!(again.id, app_id);
+    assert_eq!(again.latest_version, 0);
+    // The destroy is in the org's event list.
+    let events = admin.events(None).await.unwrap();
+    assert!(
+        events.items.iter().any(|e| e.type_ == "app_destroyed"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
 async fn quotas_refuse_what_an_org_may_not_hold_and_say_which() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_sqlite(&dir.path().join("kiln.db"))

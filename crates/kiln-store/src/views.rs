@@ -352,6 +352,15 @@ impl ViewTable {
 pub(crate) type Write = (&'static str, Vec<Val>);
 
 pub(crate) const INSERT_ORG: &str = "INSERT INTO orgs (id, name, created_at) VALUES ($1, $2, $3)";
+/// `app_destroyed`: what the views hold of the app goes; its instances stay (stopped by the
+/// reconciler, their rows are the host's history).
+pub(crate) const DESTROY_APP: [&str; 5] = [
+    "DELETE FROM apps WHERE id = $1",
+    "DELETE FROM releases WHERE app_id = $1",
+    "DELETE FROM edge_allocations WHERE app_id = $1",
+    "DELETE FROM secret_envs WHERE app_id = $1",
+    "DELETE FROM secret_entries WHERE app_id = $1",
+];
 pub(crate) const SET_ORG_QUOTAS: &str = "UPDATE orgs SET quotas = $1 WHERE id = $2";
 pub(crate) const INSERT_TOKEN: &str = "INSERT INTO tokens (id, org_id, name, hash, scopes, expires_at, created_at, user_id, app_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 pub(crate) const REVOKE_TOKEN: &str =
@@ -720,6 +729,10 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
         Event::SecretsDelivered { .. } => vec![],
         // The audit trail is read from the log itself.
         Event::AuditRecorded { .. } => vec![],
+        Event::AppDestroyed { app_id, .. } => DESTROY_APP
+            .iter()
+            .map(|sql| (*sql, vec![app_id.as_str().into()]))
+            .collect(),
         Event::OrgQuotasSet { org_id, quotas } => vec![(
             SET_ORG_QUOTAS,
             vec![

@@ -166,6 +166,13 @@ pub enum Event {
         org_id: OrgId,
         name: AppName,
     },
+    /// The app is gone: its instances stop, its releases, secrets and addresses are dropped
+    /// from the views and its name is free again. The log keeps its history.
+    AppDestroyed {
+        app_id: AppId,
+        org_id: OrgId,
+        name: AppName,
+    },
     ReleaseCreated {
         app_id: AppId,
         release_id: ReleaseId,
@@ -403,6 +410,7 @@ impl Event {
         "secrets_delivered",
         "audit_recorded",
         "org_quotas_set",
+        "app_destroyed",
     ];
 
     /// The payload schema version this build writes for an event type (`None` for a type it does
@@ -473,6 +481,7 @@ impl Event {
             Self::OrgCreated { .. } => "org_created",
             Self::TokenCreated { .. } => "token_created",
             Self::AppCreated { .. } => "app_created",
+            Self::AppDestroyed { .. } => "app_destroyed",
             Self::ReleaseCreated { .. } => "release_created",
             Self::ReleaseStateChanged { .. } => "release_state_changed",
             Self::HostRegistered { .. } => "host_registered",
@@ -514,6 +523,7 @@ impl Event {
             | Self::MembershipRevoked { org_id, .. } => (StreamType::Org, org_id.to_string()),
             Self::UserCreated { user_id, .. } => (StreamType::User, user_id.to_string()),
             Self::AppCreated { app_id, .. }
+            | Self::AppDestroyed { app_id, .. }
             | Self::ReleaseCreated { app_id, .. }
             | Self::ReleaseStateChanged { app_id, .. }
             | Self::PortAllocated { app_id, .. }

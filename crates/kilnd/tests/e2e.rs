@@ -488,5 +488,25 @@ async fn deploy_serve_redeploy_reject_restart() -> Result<()> {
         "{}",
         dev.log()
     );
+
+    // Destroying the app stops its instance, which leaves nothing behind, and its hostname is
+    // refused by the edge.
+    let out = cli.ok(&["apps", "destroy", "hello-tls", "--yes"])?;
+    ensure!(out.contains("Destroyed app hello-tls"), "{out}");
+    let id = before.as_str().unwrap_or_default().to_owned();
+    let mut clean = Err(anyhow::anyhow!("not checked"));
+    for _ in 0..200 {
+        clean = leaves_nothing_behind(&data, &id);
+        if clean.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    clean?;
+    let (code, body, _) = curl(v4, "hello-tls.kiln.test");
+    ensure!(
+        code != 0 && body.is_empty(),
+        "a destroyed app is refused: {code} {body}"
+    );
     Ok(())
 }

@@ -136,6 +136,51 @@ pub(super) async fn create_app(
     Ok((StatusCode::CREATED, Json(app_view(&c, row))))
 }
 
+/// `DELETE /v1/apps/{app}?confirm=NAME`: the app's name again, so that no stray request destroys
+/// an app.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct DestroyQuery {
+    /// The app's name, repeated.
+    #[serde(default)]
+    confirm: Option<String>,
+}
+
+#[utoipa::path(delete, path = "/v1/apps/{app}", tag = "apps",
+    params(("app" = String, Path, description = "App name"), DestroyQuery),
+    security(("bearer" = ["admin"])),
+    responses((status = 204, description = "Destroyed: its instances stop, its releases, secrets and addresses are dropped, its name is free. 422 `confirmation_required` without `confirm` equal to the name.")))]
+pub(super) async fn destroy_app(
+    State(c): Ctl,
+    p: Principal,
+    Path(app): Path<String>,
+    Query(q): Query<DestroyQuery>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    p.require(Scope::Admin)?;
+    let row = owned_app(&c, &p, &app).await?;
+    if q.confirm.as_deref() != Some(row.name.as_str()) {
+        return Err(ApiFailure::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "confirmation_required",
+            format!("destroying {app} cannot be undone: repeat its name as ?confirm={app}"),
+        ));
+    }
+    c.store
+        .append(Append {
+            events: vec![NewEvent::any(Event::AppDestroyed {
+                app_id: row.id.clone(),
+                org_id: row.org_id.clone(),
+                name: row.name.clone(),
+            })],
+            metadata: metadata(&p, &headers),
+            idempotency: None,
+        })
+        .await?;
+    tracing::info!(app_id = %row.id, "app destroyed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(get, path = "/v1/apps/{app}/status", tag = "apps",
     params(("app" = String, Path, description = "App name")),
     security(("bearer" = ["read"])),

@@ -37,6 +37,7 @@ fn owner(e: &Event) -> Owner<'_> {
         | Event::DataKeyRewrapped { org_id, .. }
         | Event::OrgQuotasSet { org_id, .. } => Owner::Org(org_id),
         Event::AppCreated { app_id, .. }
+        | Event::AppDestroyed { app_id, .. }
         | Event::ReleaseCreated { app_id, .. }
         | Event::ReleaseStateChanged { app_id, .. }
         | Event::InstanceStateChanged { app_id, .. }

@@ -80,7 +80,7 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
             get(crate::device::device_page).post(crate::device::device_submit),
         )
         .route("/v1/apps", get(list_apps).post(create_app))
-        .route("/v1/apps/{app}", get(get_app))
+        .route("/v1/apps/{app}", get(get_app).delete(destroy_app))
         .route("/v1/apps/{app}/status", get(app_status))
         .route(
             "/v1/apps/{app}/releases",

@@ -33,6 +33,7 @@ use super::*;
         list_apps,
         create_app,
         get_app,
+        destroy_app,
         app_status,
         list_releases,
         create_release,
