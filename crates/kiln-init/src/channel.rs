@@ -284,6 +284,16 @@ pub(crate) fn listen(path: &str, shared: Arc<Shared>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Serves one connection accepted by another listener (vsock) on its own thread; `reader` is a
+/// second handle of the same connection.
+pub(crate) fn serve_accepted<C: Conn + 'static>(stream: C, reader: C, shared: &Arc<Shared>) {
+    if shared.attach(&stream).is_err() {
+        return;
+    }
+    let s = shared.clone();
+    std::thread::spawn(move || serve(reader, s));
+}
+
 /// Serves the VM's virtio-serial port on a background thread: every time a host connects, it
 /// gets `Hello` and the backlog, then frames until it disconnects.
 pub(crate) fn serve_port(port: crate::vm::Port, shared: Arc<Shared>) {

@@ -50,6 +50,12 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
 
 /// The VM's early setup; returns the run configuration and the config disk's path.
 pub(crate) fn boot() -> Result<(RunConfig, PathBuf), String> {
+    // A shared read-only root gets its writable layer first (Firecracker; see `crate::layer`).
+    crate::layer::setup()?;
+    // Ctrl-Alt-Del (Firecracker's `SendCtrlAltDel`) becomes SIGINT to this process, a stop
+    // request, instead of an immediate reset.
+    // SAFETY: plain syscall.
+    unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", "/proc", "proc", nosuid_nodev_noexec, "");
     mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, "");
@@ -164,7 +170,12 @@ pub(crate) fn shutdown(disk: &Path, code: Option<i32>, signal: Option<i32>) -> !
     // SAFETY: plain syscalls; reboot only returns on failure.
     unsafe {
         libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
+        // Firecracker has no power-off device: it exits on the guest's reset.
+        libc::reboot(if crate::layer::exit_by_reboot() {
+            libc::RB_AUTOBOOT
+        } else {
+            libc::RB_POWER_OFF
+        });
     }
     log("power off failed");
     // PID 1 must not exit; the kernel would panic (which, with panic=-1, also ends the VM).

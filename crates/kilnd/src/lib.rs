@@ -66,12 +66,13 @@ pub struct DevArgs {
     /// Size budget of the image cache in MiB; unused images beyond it are evicted.
     #[arg(long, default_value_t = 10_240)]
     pub image_cache_mib: u64,
-    /// Runtime driver of this host: `runc` (containers) or `qemu` (microVMs).
+    /// Runtime driver of this host: `runc` (containers), `qemu` (microVMs) or `firecracker`
+    /// (microVMs under the jailer; needs hardware KVM, so not on PVM-backed hosts).
     #[arg(long, value_enum, default_value_t = DriverArg::Runc)]
     pub driver: DriverArg,
-    /// Guest kernel for the `qemu` driver (an uncompressed vmlinux; `./scripts/build-guest-kernel`
-    /// builds one).
-    #[arg(long, required_if_eq("driver", "qemu"))]
+    /// Guest kernel for the `qemu` and `firecracker` drivers (an uncompressed vmlinux;
+    /// `./scripts/build-guest-kernel` builds one).
+    #[arg(long, required_if_eq_any([("driver", "qemu"), ("driver", "firecracker")]))]
     pub guest_kernel: Option<PathBuf>,
     /// The QEMU binary for the `qemu` driver.
     #[arg(long, default_value = "qemu-system-x86_64")]
@@ -79,6 +80,25 @@ pub struct DevArgs {
     /// QEMU accelerator: `kvm` (hardware) or `tcg` (software emulation).
     #[arg(long, value_enum, default_value_t = AccelArg::Kvm)]
     pub qemu_accel: AccelArg,
+    /// The Firecracker binary for the `firecracker` driver.
+    #[arg(long, default_value = "/usr/local/bin/firecracker")]
+    pub firecracker_bin: PathBuf,
+    /// The jailer binary (same Firecracker release).
+    #[arg(long, default_value = "/usr/local/bin/jailer")]
+    pub jailer_bin: PathBuf,
+    /// How Firecracker gets its VM configuration: `config-file` (`--config-file`) or `api`
+    /// (requests on its API socket).
+    #[arg(long, value_enum, default_value_t = DriverBootArg::ConfigFile)]
+    pub driver_boot: DriverBootArg,
+    /// Where the jailer builds its chroots (default: `DATA_DIR/jailer`; must be on the data
+    /// directory's filesystem).
+    #[arg(long)]
+    pub chroot_base: Option<PathBuf>,
+    /// Unprivileged uid and gid Firecracker runs as.
+    #[arg(long, default_value_t = 10_000)]
+    pub jailer_uid: u32,
+    #[arg(long, default_value_t = 10_000)]
+    pub jailer_gid: u32,
     /// File of master keys for secrets encryption (default: `DATA_DIR/master.key`, created on
     /// first start; `KILN_MASTER_KEY` is used instead when set and this flag is not).
     #[arg(long)]
@@ -117,6 +137,14 @@ fn master_key_source(
 pub enum DriverArg {
     Runc,
     Qemu,
+    Firecracker,
+}
+
+/// `--driver-boot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverBootArg {
+    ConfigFile,
+    Api,
 }
 
 /// `--qemu-accel`.
@@ -336,6 +364,27 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
                         AccelArg::Tcg => kiln_agent::runtime::qemu::Accel::Tcg,
                     },
                 }),
+                _ => None,
+            },
+            firecracker: match (args.driver, &args.guest_kernel) {
+                (DriverArg::Firecracker, Some(kernel)) => {
+                    use kiln_agent::runtime::firecracker::{BootMode, FirecrackerConfig};
+                    Some(FirecrackerConfig {
+                        firecracker: args.firecracker_bin.clone(),
+                        jailer: args.jailer_bin.clone(),
+                        kernel: kernel.clone(),
+                        chroot_base: args
+                            .chroot_base
+                            .clone()
+                            .unwrap_or_else(|| data_dir.join("jailer")),
+                        uid: args.jailer_uid,
+                        gid: args.jailer_gid,
+                        boot: match args.driver_boot {
+                            DriverBootArg::ConfigFile => BootMode::ConfigFile,
+                            DriverBootArg::Api => BootMode::Api,
+                        },
+                    })
+                }
                 _ => None,
             },
         },
