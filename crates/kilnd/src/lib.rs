@@ -132,6 +132,38 @@ fn master_key_source(
     Ok(Some(MasterKeySource::File(path)))
 }
 
+/// The Firecracker driver's settings for `--driver firecracker`, checked before anything starts
+/// (binaries, kernel, a KVM that boots stock guests), so a host that cannot run it fails at once
+/// with the reason.
+fn firecracker_config(
+    args: &DevArgs,
+    data_dir: &Path,
+) -> anyhow::Result<Option<kiln_agent::runtime::firecracker::FirecrackerConfig>> {
+    use kiln_agent::runtime::firecracker::{check_host, BootMode, FirecrackerConfig};
+    let (DriverArg::Firecracker, Some(kernel)) = (args.driver, &args.guest_kernel) else {
+        return Ok(None);
+    };
+    let config = FirecrackerConfig {
+        firecracker: args.firecracker_bin.clone(),
+        jailer: args.jailer_bin.clone(),
+        kernel: kernel.clone(),
+        chroot_base: args
+            .chroot_base
+            .clone()
+            .unwrap_or_else(|| data_dir.join("jailer")),
+        uid: args.jailer_uid,
+        gid: args.jailer_gid,
+        boot: match args.driver_boot {
+            DriverBootArg::ConfigFile => BootMode::ConfigFile,
+            DriverBootArg::Api => BootMode::Api,
+        },
+    };
+    check_host(&config).context(
+        "--driver firecracker cannot run on this host (set --firecracker-bin, --jailer-bin and --guest-kernel)",
+    )?;
+    Ok(Some(config))
+}
+
 /// `--driver`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DriverArg {
@@ -293,6 +325,7 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
+    let firecracker = firecracker_config(&args, &data_dir)?;
     let init_binary = find_init(args.init_binary.clone())?;
     let store = kiln_store::Store::open_sqlite(&data_dir.join("kiln.db")).await?;
     let master_key = master_key_source(args.master_key_file.as_deref(), Some(&data_dir))?;
@@ -366,27 +399,7 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
                 }),
                 _ => None,
             },
-            firecracker: match (args.driver, &args.guest_kernel) {
-                (DriverArg::Firecracker, Some(kernel)) => {
-                    use kiln_agent::runtime::firecracker::{BootMode, FirecrackerConfig};
-                    Some(FirecrackerConfig {
-                        firecracker: args.firecracker_bin.clone(),
-                        jailer: args.jailer_bin.clone(),
-                        kernel: kernel.clone(),
-                        chroot_base: args
-                            .chroot_base
-                            .clone()
-                            .unwrap_or_else(|| data_dir.join("jailer")),
-                        uid: args.jailer_uid,
-                        gid: args.jailer_gid,
-                        boot: match args.driver_boot {
-                            DriverBootArg::ConfigFile => BootMode::ConfigFile,
-                            DriverBootArg::Api => BootMode::Api,
-                        },
-                    })
-                }
-                _ => None,
-            },
+            firecracker,
         },
         client,
     )
