@@ -174,6 +174,85 @@ pub async fn connect(socket: &Path, port: u32, wait: Duration) -> Result<UnixStr
 mod tests {
     use super::*;
 
+    /// The agent's guest channel over the hybrid vsock, against a stand-in that follows
+    /// Firecracker's documented protocol: nothing listens for the first connection (closed),
+    /// then `OK <port>\n` and the guest's bytes. The agent must retry, complete the handshake,
+    /// greet the guest with `Hello` and take the guest's log frames.
+    #[tokio::test]
+    async fn the_guest_channel_runs_over_the_handshake() {
+        use kiln_types::frame::{Frame, FrameReader, Output, PROTOCOL_VERSION};
+        use tokio::net::UnixListener;
+
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let (hello_tx, mut hello_rx) = tokio::sync::mpsc::channel::<Frame>(4);
+        tokio::spawn(async move {
+            let mut attempt = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                attempt += 1;
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while s.read(&mut b).await.unwrap_or(0) == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                if line != b"CONNECT 52" || attempt == 1 {
+                    continue; // closed: the guest does not listen yet
+                }
+                let mut out = b"OK 1073741824\n".to_vec();
+                out.extend(
+                    Frame::Hello {
+                        version: PROTOCOL_VERSION,
+                    }
+                    .to_bytes(),
+                );
+                out.extend(
+                    Frame::Log {
+                        output: Output::Stdout,
+                        ts_ms: 1,
+                        bytes: b"booted\n".to_vec(),
+                    }
+                    .to_bytes(),
+                );
+                s.write_all(&out).await.unwrap();
+                let mut reader = FrameReader::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    reader.push(&buf[..n]);
+                    while let Ok(Some(f)) = reader.next_frame() {
+                        let _ = hello_tx.send(f).await;
+                    }
+                }
+            }
+        });
+        let guest = crate::guest::Guest::new_hybrid_vsock(
+            kiln_types::InstanceId::generate(),
+            kiln_types::AppId::generate(),
+            socket,
+            GUEST_PORT,
+        );
+        let (logs_tx, mut logs_rx) = tokio::sync::mpsc::channel(8);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(guest.clone().run(logs_tx, stop_rx));
+        let first = tokio::time::timeout(Duration::from_secs(10), hello_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(first, Frame::Hello { .. }), "{first:?}");
+        let record = tokio::time::timeout(Duration::from_secs(10), logs_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.message, "booted");
+        stop_tx.send_replace(true);
+    }
+
+    const GUEST_PORT: u32 = kiln_types::guest::VSOCK_CHANNEL_PORT;
+
     #[test]
     fn acknowledgements_parse_totally() {
         assert_eq!(parse_ack(b"OK 1073741824").unwrap(), 1_073_741_824);
