@@ -94,7 +94,8 @@ pub struct DevArgs {
     /// directory's filesystem).
     #[arg(long)]
     pub chroot_base: Option<PathBuf>,
-    /// Unprivileged uid and gid Firecracker runs as.
+    /// Bases of the unprivileged uids and gids Firecracker runs as (each VM gets its own, in
+    /// the 65 536 ids from the base).
     #[arg(long, default_value_t = 10_000)]
     pub jailer_uid: u32,
     #[arg(long, default_value_t = 10_000)]

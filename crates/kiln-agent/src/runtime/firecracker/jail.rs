@@ -152,9 +152,18 @@ pub async fn remove(root: &Path, jail_id: &str) {
         .await
         .unwrap_or_default();
     for dir in cgroup_dirs(&mounts, jail_id) {
-        if let Err(e) = tokio::fs::remove_dir(&dir).await {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %dir.display(), error = %e, "cannot remove the VM's cgroup");
+        // A killed VMM can stay in its cgroup a moment, until its reaper collects it.
+        for attempt in 0..20 {
+            match tokio::fs::remove_dir(&dir).await {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 19 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot remove the VM's cgroup");
+                    break;
+                }
             }
         }
     }

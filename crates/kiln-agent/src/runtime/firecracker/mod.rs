@@ -76,10 +76,24 @@ pub struct FirecrackerConfig {
     pub kernel: PathBuf,
     /// Where jails are built; must be on the data directory's filesystem (hard links).
     pub chroot_base: PathBuf,
-    /// The unprivileged uid/gid Firecracker runs as.
+    /// Base of the unprivileged uid and gid ranges Firecracker runs in: each VM runs as
+    /// `base + n` with `n` in `0..ID_RANGE` derived from its instance id ([`ids_of`]), so one
+    /// VMM cannot open another's private drives or tap.
     pub uid: u32,
     pub gid: u32,
     pub boot: BootMode,
+}
+
+/// How many uids (and gids) above the configured bases the VMs use.
+pub const ID_RANGE: u32 = 1 << 16;
+
+/// The uid and gid a VM runs as: the bases plus a number derived from the instance id (stable,
+/// so a restarted agent computes the same; two instances share one only by a 1-in-65 536 chance,
+/// which weakens their separation but breaks nothing).
+pub fn ids_of(spec: &WorkloadSpec, uid_base: u32, gid_base: u32) -> (u32, u32) {
+    let digest = kiln_oci::sha256_digest(spec.instance_id.as_str().as_bytes());
+    let n = u32::from_str_radix(&digest["sha256:".len()..][..4], 16).unwrap_or(0) % ID_RANGE;
+    (uid_base.saturating_add(n), gid_base.saturating_add(n))
 }
 
 /// The Firecracker driver cannot run on this host, or failed for one instance.
@@ -331,23 +345,16 @@ impl Firecracker {
         )
         .await?;
 
-        jail::create_network(
-            netns,
-            host_if,
-            spec.network.ipv6,
-            self.config.uid,
-            self.config.gid,
-        )
-        .await?;
+        let (uid, gid) = ids_of(spec, self.config.uid, self.config.gid);
+        jail::create_network(netns, host_if, spec.network.ipv6, uid, gid).await?;
 
-        let plan = plan::plan(
-            spec,
-            jail::TAP,
-            netns,
-            GUEST_CID,
-            &self.jail,
-            self.config.boot,
-        );
+        let (uid, gid) = ids_of(spec, self.config.uid, self.config.gid);
+        let jailer = JailerConfig {
+            uid,
+            gid,
+            ..self.jail.clone()
+        };
+        let plan = plan::plan(spec, jail::TAP, netns, GUEST_CID, &jailer, self.config.boot);
         let kernel = self
             .staged_kernel()
             .await
@@ -374,7 +381,6 @@ impl Firecracker {
                 private: true,
             },
         ];
-        let (uid, gid) = (self.config.uid, self.config.gid);
         jail::prepare(&plan.jail_root, &files, uid, gid)
             .await
             .map_err(|e| fail(FirecrackerError::Jail(e)))?;
@@ -570,6 +576,37 @@ mod tests {
             .contains("vmx"));
         assert_eq!(kvm_unusable(false, "flags\t: fpu vmx sse"), None);
         assert_eq!(kvm_unusable(false, "flags\t: svm"), None);
+    }
+
+    #[test]
+    fn each_vm_gets_its_own_stable_ids_in_the_range() {
+        let spec = |id: &str| -> WorkloadSpec {
+            let mut v: serde_json::Value = serde_json::json!({
+                "spec_version": kiln_types::WORKLOAD_SPEC_VERSION,
+                "instance_id": kiln_types::InstanceId::generate(),
+                "app_id": kiln_types::AppId::generate(),
+                "app_name": "demo",
+                "release_id": kiln_types::ReleaseId::generate(),
+                "release_version": 1,
+                "process": "app",
+                "image": {"registry": "r", "repository": "x", "digest": format!("sha256:{}", "a".repeat(64))},
+                "vm": {"cpu": 1000, "memory": 256},
+                "network": {"ipv6": "fdb5:696c:6e00:1::100", "gateway": "fdb5:696c:6e00:1::1"}
+            });
+            if !id.is_empty() {
+                v["instance_id"] = serde_json::json!(id);
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let a = spec("");
+        let (u, g) = ids_of(&a, 10_000, 20_000);
+        assert_eq!((u, g), ids_of(&a, 10_000, 20_000), "stable");
+        assert_eq!(g - 20_000, u - 10_000);
+        assert!((10_000..10_000 + ID_RANGE).contains(&u));
+        let distinct: std::collections::BTreeSet<u32> = (0..50)
+            .map(|_| ids_of(&spec(""), 10_000, 10_000).0)
+            .collect();
+        assert!(distinct.len() > 45, "ids spread: {}", distinct.len());
     }
 
     #[test]
