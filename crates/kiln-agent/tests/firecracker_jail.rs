@@ -189,3 +189,56 @@ async fn the_network_namespace_holds_the_tap_and_routes_to_the_host_and_is_remov
     assert!(ip(&["link", "show", &host_if]).is_empty());
     assert!(ip(&["-6", "route", "show", &format!("{addr}/128")]).is_empty());
 }
+
+#[tokio::test]
+async fn cleanup_removes_the_cgroups_the_jailer_creates() {
+    // The jailer creates `<controller root>/kiln-firecracker/<id>` (see `--parent-cgroup`);
+    // here the directories are made by hand on the host's v1 hierarchy, as the jailer would.
+    let id = format!("kiln-test-{}", std::process::id());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let dirs = jail::cgroup_dirs(&mounts, &id);
+    assert!(
+        dirs.len() >= 2,
+        "memory and cpu v1 controllers are mounted on these hosts: {dirs:?}"
+    );
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+        assert!(d.join("tasks").exists(), "{} is a cgroup", d.display());
+    }
+    // The limits the plan hands the jailer are accepted by the kernel, file by file, in the
+    // order of the jailer's argv.
+    for (cpu, memory) in [(250u32, 128u64), (1500, 1024)] {
+        let spec: kiln_types::WorkloadSpec = serde_json::from_value(serde_json::json!({
+            "spec_version": kiln_types::WORKLOAD_SPEC_VERSION,
+            "instance_id": kiln_types::InstanceId::generate(),
+            "app_id": kiln_types::AppId::generate(),
+            "app_name": "demo",
+            "release_id": kiln_types::ReleaseId::generate(),
+            "release_version": 1,
+            "process": "app",
+            "image": {"registry": "r", "repository": "x", "digest": format!("sha256:{}", "a".repeat(64))},
+            "vm": {"cpu": cpu, "memory": memory},
+            "network": {"ipv6": "fdb5:696c:6e00:1::100", "gateway": "fdb5:696c:6e00:1::1"}
+        }))
+        .unwrap();
+        for (file, value) in kiln_agent::runtime::firecracker::plan::cgroup_limits(&spec) {
+            let dir = dirs
+                .iter()
+                .find(|d| d.join(file).exists())
+                .unwrap_or_else(|| panic!("no controller has {file}"));
+            std::fs::write(dir.join(file), value.to_string())
+                .unwrap_or_else(|e| panic!("{file}={value}: {e}"));
+            let back: u64 = std::fs::read_to_string(dir.join(file))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert_eq!(back, value, "{file}");
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    jail::remove(&tmp.path().join(&id).join("root"), &id).await;
+    for d in &dirs {
+        assert!(!d.exists(), "{} removed", d.display());
+    }
+}
