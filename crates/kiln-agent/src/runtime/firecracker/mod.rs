@@ -563,6 +563,9 @@ fn is_zombie(stat: &str) -> bool {
 }
 
 #[cfg(test)]
+mod standin_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
