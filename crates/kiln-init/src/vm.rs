@@ -3,12 +3,17 @@
 //! Under runc the runtime mounts `/proc`, `/dev` and friends, places `run.json` in the rootfs and
 //! bind-mounts the channel's directory. In a VM kiln-init is started by the kernel on a bare root
 //! filesystem, so it does that work itself:
+//! 0. when the kernel command line asks (Firecracker), switch to an overlay root: the shared
+//!    read-only root plus the instance's writable drive ([`crate::layer`]); let Ctrl-Alt-Del
+//!    arrive as SIGINT;
 //! 1. mount `/proc`, `/sys`, `/dev` (devtmpfs), `/dev/pts`, `/dev/shm` and a tmpfs at `/.kiln/run`;
 //! 2. find the config disk (a virtio-blk device starting with the config-disk magic, see
 //!    `kiln_types::guest::config_disk`) and read the run configuration from it;
 //! 3. set the hostname;
-//! 4. open the virtio-serial port named [`VM_CHANNEL_PORT`] for the guest channel;
-//! 5. when the app has ended, write the exit record to the config disk, sync, and power off.
+//! 4. open the virtio-serial port named [`VM_CHANNEL_PORT`] for the guest channel (without one,
+//!    listen on AF_VSOCK port 52: [`crate::vsock`]);
+//! 5. when the app has ended, write the exit record to the config disk, sync, and power off (or
+//!    reboot, when the command line says `kiln.exit=reboot`).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
