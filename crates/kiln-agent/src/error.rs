@@ -58,6 +58,17 @@ pub enum AgentError {
     },
     #[error("the image has no command to run: set an entrypoint or cmd in the image, or `cmd` in kiln.toml")]
     NoCommand,
+    #[error("the Firecracker driver cannot run instance {instance}")]
+    Firecracker {
+        instance: InstanceId,
+        #[source]
+        source: Box<crate::runtime::firecracker::FirecrackerError>,
+    },
+    #[error("the Firecracker driver cannot run on this host")]
+    FirecrackerHost {
+        #[source]
+        source: Box<crate::runtime::firecracker::FirecrackerError>,
+    },
     #[error("user {user:?} of the image cannot be resolved in its /etc/passwd")]
     UnknownUser { user: String },
 }

@@ -31,6 +31,8 @@ pub(crate) struct Guest {
     instance: InstanceId,
     app: AppId,
     socket: PathBuf,
+    /// Firecracker's hybrid vsock: after connecting, ask for this guest port (`CONNECT <port>`).
+    vsock_port: Option<u32>,
     writer: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     sessions: Mutex<HashMap<u32, mpsc::Sender<Frame>>>,
     next_stream: AtomicU32,
@@ -72,11 +74,46 @@ impl Guest {
             instance,
             app,
             socket,
+            vsock_port: None,
             writer: Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),
             next_stream: AtomicU32::new(1),
             connected: watch::channel(false).0,
         })
+    }
+
+    /// A guest reached through Firecracker's hybrid vsock socket `socket`, on guest `port`.
+    pub(crate) fn new_hybrid_vsock(
+        instance: InstanceId,
+        app: AppId,
+        socket: PathBuf,
+        port: u32,
+    ) -> Arc<Guest> {
+        let mut guest = Guest::new(instance, app, socket);
+        if let Some(g) = Arc::get_mut(&mut guest) {
+            g.vsock_port = Some(port);
+        }
+        guest
+    }
+
+    /// Connects to the guest's end: the socket itself, or through the hybrid vsock handshake.
+    async fn connect(&self) -> Option<UnixStream> {
+        match self.vsock_port {
+            None => UnixStream::connect(&self.socket).await.ok(),
+            Some(port) => {
+                let attempt = crate::runtime::firecracker::vsock::connect_once(
+                    &self.socket,
+                    port,
+                    Duration::from_secs(2),
+                )
+                .await;
+                attempt
+                    .map_err(|e| {
+                        tracing::debug!(instance_id = %self.instance, error = %e, "guest vsock not reachable yet");
+                    })
+                    .ok()
+            }
+        }
     }
 
     pub(crate) async fn send(&self, frame: Frame) -> bool {
@@ -138,8 +175,8 @@ impl Guest {
             if *stop.borrow() {
                 return;
             }
-            match UnixStream::connect(&self.socket).await {
-                Ok(stream) => {
+            match self.connect().await {
+                Some(stream) => {
                     delay = Duration::from_millis(20);
                     tokio::select! {
                         _ = self.serve(stream, &logs) => {}
@@ -150,7 +187,7 @@ impl Guest {
                     // Sessions cannot survive a lost connection: their clients see the end.
                     lock(&self.sessions).clear();
                 }
-                Err(_) => {
+                None => {
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = stop.wait_for(|s| *s) => return,

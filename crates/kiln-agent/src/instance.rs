@@ -20,6 +20,7 @@ use kiln_types::frame::Frame;
 
 use crate::guest::Guest;
 use crate::image::PreparedImage;
+use crate::runtime::firecracker::{FcPaths, Firecracker};
 use crate::runtime::qemu::{Qemu, VmPaths};
 use crate::{error_chain, netlink, Agent, AgentError};
 
@@ -48,11 +49,19 @@ impl Instance {
         let id = spec.instance_id.clone();
         let (netns, host_if) = netlink::names(id.suffix());
         let dir = dir_of(agent, &id);
-        let guest = Guest::new(
-            id.clone(),
-            spec.app_id.clone(),
-            dir.join("run").join("channel.sock"),
-        );
+        let guest = match &agent.firecracker {
+            Some(fc) => Guest::new_hybrid_vsock(
+                id.clone(),
+                spec.app_id.clone(),
+                fc.vsock_path(&spec),
+                crate::runtime::firecracker::GUEST_CHANNEL_PORT,
+            ),
+            None => Guest::new(
+                id.clone(),
+                spec.app_id.clone(),
+                dir.join("run").join("channel.sock"),
+            ),
+        };
         Self {
             dir,
             id,
@@ -249,6 +258,18 @@ impl Instance {
         // After spec.json: from here on the image counts as in use for cache collection.
         let image = agent.images.prepare(&self.spec.image).await?;
 
+        if let Some(fc) = &agent.firecracker {
+            let root = fc
+                .root_image(&image.rootfs, &agent.config.init_binary)
+                .await?;
+            let run = run_config(&self.spec, &image, &image.rootfs).await?;
+            let paths = FcPaths {
+                dir: self.dir.clone(),
+            };
+            return fc
+                .start(&paths, &root, &self.spec, &run, &self.netns, &self.host_if)
+                .await;
+        }
         if let Some(qemu) = &agent.qemu {
             let root = qemu
                 .root_image(&image.rootfs, &agent.config.init_binary)
@@ -325,6 +346,9 @@ impl Instance {
 
     /// Whether the instance's runtime still runs it (container or VM).
     async fn is_running(&self, agent: &Agent) -> bool {
+        if let Some(fc) = &agent.firecracker {
+            return fc.pid(&self.spec).await.is_some();
+        }
         match &agent.qemu {
             Some(qemu) => qemu.pid(&self.vm_paths()).await.is_some(),
             None => {
@@ -334,7 +358,12 @@ impl Instance {
     }
 
     async fn exit_reason(&self, agent: &Agent) -> String {
-        let status = if agent.qemu.is_some() {
+        let status = if agent.firecracker.is_some() {
+            Firecracker::exit_record(&FcPaths {
+                dir: self.dir.clone(),
+            })
+            .await
+        } else if agent.qemu.is_some() {
             Qemu::exit_record(&self.vm_paths()).await
         } else {
             tokio::fs::read(self.dir.join("rootfs/.kiln/exit.json"))
@@ -360,6 +389,9 @@ impl Instance {
     }
 
     async fn stop(&self, agent: &Agent) {
+        if let Some(fc) = &agent.firecracker {
+            return fc.stop(&self.spec, &self.guest).await;
+        }
         if let Some(qemu) = &agent.qemu {
             return self.stop_vm(qemu).await;
         }
@@ -428,9 +460,10 @@ impl Instance {
     /// Removes everything the instance had on the host. Safe to call on a half-started instance.
     async fn teardown(&self, agent: &Agent) {
         self.guest_stop.send_replace(true);
-        match &agent.qemu {
-            Some(qemu) => self.kill_vm(qemu).await,
-            None => agent.runc.delete(self.id.as_str()).await,
+        match (&agent.firecracker, &agent.qemu) {
+            (Some(fc), _) => fc.teardown(&self.spec, &self.netns, &self.host_if).await,
+            (None, Some(qemu)) => self.kill_vm(qemu).await,
+            (None, None) => agent.runc.delete(self.id.as_str()).await,
         }
         let rootfs = self.dir.join("rootfs");
         if is_mountpoint(&rootfs).await

@@ -70,6 +70,8 @@ pub struct AgentConfig {
     pub image_cache_bytes: u64,
     /// Run instances as QEMU microVMs instead of runc containers.
     pub qemu: Option<runtime::qemu::QemuConfig>,
+    /// Run instances as Firecracker microVMs under the jailer (takes precedence over `qemu`).
+    pub firecracker: Option<runtime::firecracker::FirecrackerConfig>,
 }
 
 /// A running agent.
@@ -81,6 +83,8 @@ pub struct Agent {
     pub(crate) runc: runc::Runc,
     /// The VM driver, when this host runs instances as QEMU microVMs.
     pub(crate) qemu: Option<runtime::qemu::Qemu>,
+    /// The production VM driver, when this host runs Firecracker.
+    pub(crate) firecracker: Option<runtime::firecracker::Firecracker>,
     pub(crate) instances: Mutex<HashMap<InstanceId, Arc<instance::Instance>>>,
     /// Log lines from every instance, toward the shipper.
     pub(crate) logs_tx: mpsc::Sender<LogRecord>,
@@ -99,10 +103,17 @@ impl Agent {
                     source,
                 })?;
         }
+        if let Some(fc) = &config.firecracker {
+            runtime::firecracker::check_host(fc).map_err(|source| AgentError::FirecrackerHost {
+                source: Box::new(source),
+            })?;
+        }
         let reg = client
             .register_host(&RegisterHost {
                 name: config.host_name.clone(),
-                driver: if config.qemu.is_some() {
+                driver: if config.firecracker.is_some() {
+                    Driver::Firecracker
+                } else if config.qemu.is_some() {
                     Driver::Qemu
                 } else {
                     Driver::Runc
@@ -124,7 +135,15 @@ impl Agent {
                 binary: config.runc.clone(),
                 root: config.data_dir.join("runc"),
             },
-            qemu: config.qemu.clone().map(runtime::qemu::Qemu::new),
+            qemu: config
+                .qemu
+                .clone()
+                .filter(|_| config.firecracker.is_none())
+                .map(runtime::qemu::Qemu::new),
+            firecracker: config
+                .firecracker
+                .clone()
+                .map(runtime::firecracker::Firecracker::new),
             config,
             client,
             host_id: reg.host_id,

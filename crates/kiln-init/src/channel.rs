@@ -1,8 +1,9 @@
 //! The guest side of the guest channel: one agent connection at a time.
 //!
 //! Under runc kiln-init listens on a Unix socket; in a VM it serves the virtio-serial port, one
-//! byte stream that the host connects to and disconnects from (see [`crate::vm::Port`]). Either
-//! way it serves the agent that connects: it sends `Hello`, then every log
+//! byte stream that the host connects to and disconnects from (see [`crate::vm::Port`]), or under
+//! Firecracker listens on AF_VSOCK port 52 ([`crate::vsock`]). In
+//! each case it serves the agent that connects: it sends `Hello`, then every log
 //! record, and dispatches the agent's exec frames to [`crate::exec`]. A newer connection replaces
 //! the older one (an agent restart reconnects). Log records produced while no agent is connected
 //! wait in a bounded backlog; past its size the oldest are dropped and counted, so a disconnected
@@ -282,6 +283,16 @@ pub(crate) fn listen(path: &str, shared: Arc<Shared>) -> std::io::Result<()> {
         }
     });
     Ok(())
+}
+
+/// Serves one connection accepted by another listener (vsock) on its own thread; `reader` is a
+/// second handle of the same connection.
+pub(crate) fn serve_accepted<C: Conn + 'static>(stream: C, reader: C, shared: &Arc<Shared>) {
+    if shared.attach(&stream).is_err() {
+        return;
+    }
+    let s = shared.clone();
+    std::thread::spawn(move || serve(reader, s));
 }
 
 /// Serves the VM's virtio-serial port on a background thread: every time a host connects, it

@@ -20,9 +20,11 @@
 
 mod channel;
 mod exec;
+mod layer;
 mod net;
 mod secrets;
 mod vm;
+mod vsock;
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -179,11 +181,14 @@ fn run(config: RunConfig, transport: Transport) -> ExitStatus {
     let served = match transport {
         Transport::UnixSocket => channel::listen(CHANNEL_SOCKET, shared.clone())
             .map_err(|e| format!("{CHANNEL_SOCKET}: {e}")),
-        Transport::VmPort => vm::channel_port().and_then(|path| {
-            let port = vm::Port::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            channel::serve_port(port, shared.clone());
-            Ok(())
-        }),
+        Transport::VmPort => match vm::channel_port() {
+            Ok(path) => vm::Port::open(&path)
+                .map(|port| channel::serve_port(port, shared.clone()))
+                .map_err(|e| format!("{}: {e}", path.display())),
+            // No virtio-serial port: a vsock device (Firecracker's hybrid vsock).
+            Err(serial) => vsock::listen(vsock::VSOCK_CHANNEL_PORT, shared.clone())
+                .map_err(|e| format!("{serial}; vsock port {}: {e}", vsock::VSOCK_CHANNEL_PORT)),
+        },
     };
     if let Err(e) = served {
         // The app still runs without a channel; exec and log shipping are unavailable.

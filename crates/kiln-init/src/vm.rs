@@ -3,12 +3,17 @@
 //! Under runc the runtime mounts `/proc`, `/dev` and friends, places `run.json` in the rootfs and
 //! bind-mounts the channel's directory. In a VM kiln-init is started by the kernel on a bare root
 //! filesystem, so it does that work itself:
+//! 0. when the kernel command line asks (Firecracker), switch to an overlay root: the shared
+//!    read-only root plus the instance's writable drive ([`crate::layer`]); let Ctrl-Alt-Del
+//!    arrive as SIGINT;
 //! 1. mount `/proc`, `/sys`, `/dev` (devtmpfs), `/dev/pts`, `/dev/shm` and a tmpfs at `/.kiln/run`;
 //! 2. find the config disk (a virtio-blk device starting with the config-disk magic, see
 //!    `kiln_types::guest::config_disk`) and read the run configuration from it;
 //! 3. set the hostname;
-//! 4. open the virtio-serial port named [`VM_CHANNEL_PORT`] for the guest channel;
-//! 5. when the app has ended, write the exit record to the config disk, sync, and power off.
+//! 4. open the virtio-serial port named [`VM_CHANNEL_PORT`] for the guest channel (without one,
+//!    listen on AF_VSOCK port 52: [`crate::vsock`]);
+//! 5. when the app has ended, write the exit record to the config disk, sync, and power off (or
+//!    reboot, when the command line says `kiln.exit=reboot`).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -50,6 +55,12 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
 
 /// The VM's early setup; returns the run configuration and the config disk's path.
 pub(crate) fn boot() -> Result<(RunConfig, PathBuf), String> {
+    // A shared read-only root gets its writable layer first (Firecracker; see `crate::layer`).
+    crate::layer::setup()?;
+    // Ctrl-Alt-Del (Firecracker's `SendCtrlAltDel`) becomes SIGINT to this process, a stop
+    // request, instead of an immediate reset.
+    // SAFETY: plain syscall.
+    unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", "/proc", "proc", nosuid_nodev_noexec, "");
     mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, "");
@@ -164,7 +175,12 @@ pub(crate) fn shutdown(disk: &Path, code: Option<i32>, signal: Option<i32>) -> !
     // SAFETY: plain syscalls; reboot only returns on failure.
     unsafe {
         libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
+        // Firecracker has no power-off device: it exits on the guest's reset.
+        libc::reboot(if crate::layer::exit_by_reboot() {
+            libc::RB_AUTOBOOT
+        } else {
+            libc::RB_POWER_OFF
+        });
     }
     log("power off failed");
     // PID 1 must not exit; the kernel would panic (which, with panic=-1, also ends the VM).

@@ -77,6 +77,11 @@ pub struct GuestNetwork {
 /// its device through `/sys/class/virtio-ports/*/name`.
 pub const VM_CHANNEL_PORT: &str = "kiln.channel";
 
+/// The AF_VSOCK port kiln-init listens on for the guest channel in a VM with a vsock device and
+/// no virtio-serial port (Firecracker): the agent reaches it through Firecracker's hybrid vsock
+/// (`CONNECT 52\n` on the VM's Unix socket).
+pub const VSOCK_CHANNEL_PORT: u32 = 52;
+
 /// The config disk: how a VM's kiln-init gets its [`RunConfig`] and how the host learns the app's
 /// exit status after the VM is gone.
 ///

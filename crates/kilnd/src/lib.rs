@@ -69,12 +69,13 @@ pub struct DevArgs {
     /// The region this host is in (a DNS label); apps place instances in their `regions`.
     #[arg(long, default_value = "local", value_parser = parse_region)]
     pub region: String,
-    /// Runtime driver of this host: `runc` (containers) or `qemu` (microVMs).
+    /// Runtime driver of this host: `runc` (containers), `qemu` (microVMs) or `firecracker`
+    /// (microVMs under the jailer; needs hardware KVM, so not on PVM-backed hosts).
     #[arg(long, value_enum, default_value_t = DriverArg::Runc)]
     pub driver: DriverArg,
-    /// Guest kernel for the `qemu` driver (an uncompressed vmlinux; `./scripts/build-guest-kernel`
-    /// builds one).
-    #[arg(long, required_if_eq("driver", "qemu"))]
+    /// Guest kernel for the `qemu` and `firecracker` drivers (an uncompressed vmlinux;
+    /// `./scripts/build-guest-kernel` builds one).
+    #[arg(long, required_if_eq_any([("driver", "qemu"), ("driver", "firecracker")]))]
     pub guest_kernel: Option<PathBuf>,
     /// The QEMU binary for the `qemu` driver.
     #[arg(long, default_value = "qemu-system-x86_64")]
@@ -82,6 +83,26 @@ pub struct DevArgs {
     /// QEMU accelerator: `kvm` (hardware) or `tcg` (software emulation).
     #[arg(long, value_enum, default_value_t = AccelArg::Kvm)]
     pub qemu_accel: AccelArg,
+    /// The Firecracker binary for the `firecracker` driver.
+    #[arg(long, default_value = "/usr/local/bin/firecracker")]
+    pub firecracker_bin: PathBuf,
+    /// The jailer binary (same Firecracker release).
+    #[arg(long, default_value = "/usr/local/bin/jailer")]
+    pub jailer_bin: PathBuf,
+    /// How Firecracker gets its VM configuration: `config-file` (`--config-file`) or `api`
+    /// (requests on its API socket).
+    #[arg(long, value_enum, default_value_t = DriverBootArg::ConfigFile)]
+    pub driver_boot: DriverBootArg,
+    /// Where the jailer builds its chroots (default: `DATA_DIR/jailer`; must be on the data
+    /// directory's filesystem).
+    #[arg(long)]
+    pub chroot_base: Option<PathBuf>,
+    /// Bases of the unprivileged uids and gids Firecracker runs as (each VM gets its own, in
+    /// the 65 536 ids from the base).
+    #[arg(long, default_value_t = 10_000)]
+    pub jailer_uid: u32,
+    #[arg(long, default_value_t = 10_000)]
+    pub jailer_gid: u32,
     /// File of master keys for secrets encryption (default: `DATA_DIR/master.key`, created on
     /// first start; `KILN_MASTER_KEY` is used instead when set and this flag is not).
     #[arg(long)]
@@ -115,11 +136,51 @@ fn master_key_source(
     Ok(Some(MasterKeySource::File(path)))
 }
 
+/// The Firecracker driver's settings for `--driver firecracker`, checked before anything starts
+/// (binaries, kernel, a KVM that boots stock guests), so a host that cannot run it fails at once
+/// with the reason.
+fn firecracker_config(
+    args: &DevArgs,
+    data_dir: &Path,
+) -> anyhow::Result<Option<kiln_agent::runtime::firecracker::FirecrackerConfig>> {
+    use kiln_agent::runtime::firecracker::{check_host, BootMode, FirecrackerConfig};
+    let (DriverArg::Firecracker, Some(kernel)) = (args.driver, &args.guest_kernel) else {
+        return Ok(None);
+    };
+    let config = FirecrackerConfig {
+        firecracker: args.firecracker_bin.clone(),
+        jailer: args.jailer_bin.clone(),
+        kernel: kernel.clone(),
+        chroot_base: args
+            .chroot_base
+            .clone()
+            .unwrap_or_else(|| data_dir.join("jailer")),
+        uid: args.jailer_uid,
+        gid: args.jailer_gid,
+        boot: match args.driver_boot {
+            DriverBootArg::ConfigFile => BootMode::ConfigFile,
+            DriverBootArg::Api => BootMode::Api,
+        },
+    };
+    check_host(&config).context(
+        "--driver firecracker cannot run on this host (set --firecracker-bin, --jailer-bin and --guest-kernel)",
+    )?;
+    Ok(Some(config))
+}
+
 /// `--driver`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DriverArg {
     Runc,
     Qemu,
+    Firecracker,
+}
+
+/// `--driver-boot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverBootArg {
+    ConfigFile,
+    Api,
 }
 
 /// `--qemu-accel`.
@@ -268,6 +329,7 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
+    let firecracker = firecracker_config(&args, &data_dir)?;
     let init_binary = find_init(args.init_binary.clone())?;
     let store = kiln_store::Store::open_sqlite(&data_dir.join("kiln.db")).await?;
     let master_key = master_key_source(args.master_key_file.as_deref(), Some(&data_dir))?;
@@ -342,6 +404,7 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
                 }),
                 _ => None,
             },
+            firecracker,
         },
         client,
     )
