@@ -72,3 +72,10 @@ pub enum AgentError {
     #[error("user {user:?} of the image cannot be resolved in its /etc/passwd")]
     UnknownUser { user: String },
 }
+
+impl AgentError {
+    /// The control plane could not be reached (worth retrying), as opposed to refusing.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, AgentError::Register { source } if source.is_unreachable())
+    }
+}

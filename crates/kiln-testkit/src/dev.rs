@@ -219,6 +219,102 @@ impl Drop for DevProcess {
     }
 }
 
+/// One `kilnd` role (`control serve`, `agent`, `edge`) as its own process: started with its
+/// arguments, ready once it prints a line starting with `ready`; its stdout lines are kept.
+pub struct Daemon {
+    child: Child,
+    /// Stdout lines printed up to readiness.
+    pub lines: Vec<String>,
+    log_path: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(bin: &Path, args: &[&str], ready: &str, log_path: &Path) -> Result<Daemon> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)?;
+        let mut child = Command::new(bin)
+            .args(args)
+            .env(
+                "KILN_LOG",
+                std::env::var("KILN_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {} {}", bin.display(), args.join(" ")))?;
+        let stdout = child.stdout.take().context("daemon stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => {
+                    let done = l.starts_with(ready);
+                    lines.push(l);
+                    if done {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let log = std::fs::read_to_string(log_path).unwrap_or_default();
+                    bail!(
+                        "{} {} did not become ready; its log:\n{log}",
+                        bin.display(),
+                        args.join(" ")
+                    );
+                }
+            }
+        }
+        Ok(Daemon {
+            child,
+            lines,
+            log_path: log_path.to_owned(),
+        })
+    }
+
+    /// The first printed line starting with `prefix`, without the prefix.
+    pub fn line(&self, prefix: &str) -> Option<&str> {
+        self.lines.iter().find_map(|l| l.strip_prefix(prefix))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The `kiln` CLI with its own context file.
 #[derive(Debug, Clone)]
 pub struct Cli {

@@ -30,6 +30,8 @@ pub enum Role {
     Edge(EdgeArgs),
     /// Control plane alone (API + reconciler), and operations on its store.
     Control(ControlArgs),
+    /// Host agent alone: runs this host's instances for a control plane (`--api`).
+    Agent(AgentArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -46,13 +48,6 @@ pub struct DevArgs {
     /// Apps are served at `<app>.<domain>`.
     #[arg(long, default_value = "kiln.test")]
     pub domain: String,
-    /// The static kiln-init binary (default: `kiln-init` beside this executable, or in
-    /// `../x86_64-unknown-linux-gnu/<profile>/`).
-    #[arg(long)]
-    pub init_binary: Option<PathBuf>,
-    /// The runc binary.
-    #[arg(long, default_value = "runc")]
-    pub runc: PathBuf,
     /// Registries reached over plain HTTP besides loopback ones (repeat for several).
     #[arg(long = "plain-http-registry")]
     pub plain_http_registries: Vec<String>,
@@ -60,6 +55,24 @@ pub struct DevArgs {
     /// 127.0.1.0/28 (loopback addresses work on one machine); without it the add-on is off.
     #[arg(long, value_parser = parse_ipv4_pool)]
     pub ipv4_pool: Option<kiln_types::net::Ipv4Pool>,
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// File of master keys for secrets encryption (default: `DATA_DIR/master.key`, created on
+    /// first start; `KILN_MASTER_KEY` is used instead when set and this flag is not).
+    #[arg(long)]
+    pub master_key_file: Option<PathBuf>,
+}
+
+/// What one host's agent runs with: `kilnd dev` and `kilnd agent` share these.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// The static kiln-init binary (default: `kiln-init` beside this executable, or in
+    /// `../x86_64-unknown-linux-gnu/<profile>/`).
+    #[arg(long)]
+    pub init_binary: Option<PathBuf>,
+    /// The runc binary.
+    #[arg(long, default_value = "runc")]
+    pub runc: PathBuf,
     /// Memory offered to instances, in MiB (default: 3/4 of the machine's).
     #[arg(long)]
     pub memory_mib: Option<u64>,
@@ -103,10 +116,29 @@ pub struct DevArgs {
     pub jailer_uid: u32,
     #[arg(long, default_value_t = 10_000)]
     pub jailer_gid: u32,
-    /// File of master keys for secrets encryption (default: `DATA_DIR/master.key`, created on
-    /// first start; `KILN_MASTER_KEY` is used instead when set and this flag is not).
+}
+
+/// The host agent alone, joined to a control plane over its API.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// Control plane URL.
     #[arg(long)]
-    pub master_key_file: Option<PathBuf>,
+    pub api: String,
+    /// File holding the host's token (scopes `host`; `kiln tokens create --scope host`).
+    #[arg(long)]
+    pub token_file: PathBuf,
+    /// State directory (images, instances).
+    #[arg(long, default_value = "/var/lib/kiln")]
+    pub data_dir: PathBuf,
+    /// The name the host registers under (default: the machine's hostname); registering a known
+    /// name again is the same host.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Registries reached over plain HTTP besides loopback ones (repeat for several).
+    #[arg(long = "plain-http-registry")]
+    pub plain_http_registries: Vec<String>,
+    #[command(flatten)]
+    pub host: HostArgs,
 }
 
 /// Where the master key comes from: the file given, else `KILN_MASTER_KEY`, else (for
@@ -140,7 +172,7 @@ fn master_key_source(
 /// (binaries, kernel, a KVM that boots stock guests), so a host that cannot run it fails at once
 /// with the reason.
 fn firecracker_config(
-    args: &DevArgs,
+    args: &HostArgs,
     data_dir: &Path,
 ) -> anyhow::Result<Option<kiln_agent::runtime::firecracker::FirecrackerConfig>> {
     use kiln_agent::runtime::firecracker::{check_host, BootMode, FirecrackerConfig};
@@ -200,6 +232,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Role::Edge(args) => run_edge(args).await,
+        Role::Agent(args) => run_agent(args).await,
         Role::Control(args) => run_control(args).await,
     }
 }
@@ -324,13 +357,112 @@ async fn host_token(
     Ok(token)
 }
 
+/// The agent's settings from the host flags, checked before anything starts (kiln-init found,
+/// the driver's binaries and kernel usable).
+fn agent_config(
+    host: &HostArgs,
+    data_dir: &Path,
+    host_name: String,
+    plain_http_registries: Vec<String>,
+) -> anyhow::Result<kiln_agent::AgentConfig> {
+    let firecracker = firecracker_config(host, data_dir)?;
+    let init_binary = find_init(host.init_binary.clone())?;
+    let memory = host
+        .memory_mib
+        .unwrap_or_else(|| machine_memory_mib() * 3 / 4);
+    Ok(kiln_agent::AgentConfig {
+        data_dir: data_dir.to_owned(),
+        host_name,
+        region: host.region.clone(),
+        init_binary,
+        runc: host.runc.clone(),
+        cpu: kiln_types::MilliCpu::from_cpus(
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+        ),
+        memory: kiln_types::MiB(memory),
+        plain_http_registries,
+        health_interval: Duration::from_secs(2),
+        image_cache_bytes: host.image_cache_mib.saturating_mul(1024 * 1024),
+        qemu: match (host.driver, &host.guest_kernel) {
+            (DriverArg::Qemu, Some(kernel)) => Some(kiln_agent::runtime::qemu::QemuConfig {
+                binary: host.qemu.clone(),
+                kernel: kernel.clone(),
+                accel: match host.qemu_accel {
+                    AccelArg::Kvm => kiln_agent::runtime::qemu::Accel::Kvm,
+                    AccelArg::Tcg => kiln_agent::runtime::qemu::Accel::Tcg,
+                },
+            }),
+            _ => None,
+        },
+        firecracker,
+    })
+}
+
+/// `kilnd agent`: registers with the control plane and runs the host's instances until SIGINT
+/// or SIGTERM (instances keep running and are adopted at the next start). While the control
+/// plane is unreachable it keeps its instances running and retries, reports included.
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let name = match args.name.clone() {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("cannot read the hostname; pass --name")?
+            .trim()
+            .to_owned(),
+    };
+    let config = agent_config(
+        &args.host,
+        &data_dir,
+        name,
+        args.plain_http_registries.clone(),
+    )?;
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("cannot read the token file {}", args.token_file.display()))?;
+    let client = kiln_api::Client::new(&args.api, token.trim())?;
+    // The control plane may start after the agent: registration is retried.
+    let mut delay = Duration::from_millis(200);
+    let agent = loop {
+        match kiln_agent::Agent::start(config.clone(), client.clone()).await {
+            Ok(a) => break a,
+            Err(e) if e.is_unreachable() => {
+                tracing::warn!(api = %args.api, error = %kiln_types::error_chain(&e), "control plane unreachable; retrying registration");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    println!(
+        "kilnd agent: registered with {} (data in {})",
+        args.api,
+        data_dir.display()
+    );
+    println!("kilnd agent: ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = agent.run() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("agent stopping; instances keep running and are adopted at next start");
+    Ok(())
+}
+
 /// Starts every role of `kilnd dev` and returns once they serve.
 pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
-    let firecracker = firecracker_config(&args, &data_dir)?;
-    let init_binary = find_init(args.init_binary.clone())?;
+    let agent_config = agent_config(
+        &args.host,
+        &data_dir,
+        "dev".into(),
+        args.plain_http_registries.clone(),
+    )?;
     let store = kiln_store::Store::open_sqlite(&data_dir.join("kiln.db")).await?;
     let master_key = master_key_source(args.master_key_file.as_deref(), Some(&data_dir))?;
     let control = Control::new(
@@ -374,41 +506,7 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
     tasks.spawn(edge.clone().serve(listeners));
     tasks.spawn(edge.follow(client.clone()));
 
-    let memory = args
-        .memory_mib
-        .unwrap_or_else(|| machine_memory_mib() * 3 / 4);
-    let agent = kiln_agent::Agent::start(
-        kiln_agent::AgentConfig {
-            data_dir: data_dir.clone(),
-            host_name: "dev".into(),
-            region: args.region.clone(),
-            init_binary,
-            runc: args.runc.clone(),
-            cpu: kiln_types::MilliCpu::from_cpus(
-                std::thread::available_parallelism()
-                    .map(|n| n.get() as u32)
-                    .unwrap_or(1),
-            ),
-            memory: kiln_types::MiB(memory),
-            plain_http_registries: args.plain_http_registries.clone(),
-            health_interval: Duration::from_secs(2),
-            image_cache_bytes: args.image_cache_mib.saturating_mul(1024 * 1024),
-            qemu: match (args.driver, &args.guest_kernel) {
-                (DriverArg::Qemu, Some(kernel)) => Some(kiln_agent::runtime::qemu::QemuConfig {
-                    binary: args.qemu.clone(),
-                    kernel: kernel.clone(),
-                    accel: match args.qemu_accel {
-                        AccelArg::Kvm => kiln_agent::runtime::qemu::Accel::Kvm,
-                        AccelArg::Tcg => kiln_agent::runtime::qemu::Accel::Tcg,
-                    },
-                }),
-                _ => None,
-            },
-            firecracker,
-        },
-        client,
-    )
-    .await?;
+    let agent = kiln_agent::Agent::start(agent_config, client).await?;
     tasks.spawn(agent.run());
 
     tracing::info!(api = %api, edge = ?edge_addrs, data_dir = %data_dir.display(), "kilnd dev is serving");
@@ -802,6 +900,12 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     match args.command {
         ControlCommand::Serve(args) => {
             let location = args.store.location();
+            if let kiln_store::Location::Sqlite(path) = &location {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+                }
+            }
             let store = kiln_store::Store::open(&location, kiln_store::Options::default())
                 .await
                 .with_context(|| format!("cannot open the store at {location}"))?;
@@ -843,6 +947,7 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
                     b.org_id, b.admin_token
                 );
             }
+            println!("kilnd control: ready");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = tasks.join_next() => anyhow::bail!("a control-plane task stopped"),
