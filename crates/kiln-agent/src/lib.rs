@@ -20,6 +20,7 @@ mod logs;
 mod netlink;
 mod runc;
 pub mod runtime;
+mod volume;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,11 +35,14 @@ use kiln_types::{HostId, InstanceId, InstanceState, MiB, MilliCpu};
 
 /// WorkloadSpec capabilities (`kiln_types::workload::capability`) this agent can apply. A spec
 /// that requires anything else is reported failed with the reason, before anything is applied.
-/// The runc driver runs HTTP and exec checks and writes the secrets file (optionally exported as
-/// env) besides the 1.0 baseline; not yet volumes, kernel choice or performance CPUs.
+/// Both drivers this agent runs (runc and qemu) run HTTP and exec checks, write the secrets file
+/// (optionally exported as env), attach local volumes and mount the root read-only, besides the
+/// 1.0 baseline; not yet kernel choice or performance CPUs.
 const SUPPORTED_CAPABILITIES: &[&str] = &[
     kiln_types::workload::capability::CHECK_HTTP,
     kiln_types::workload::capability::CHECK_EXEC,
+    kiln_types::workload::capability::MOUNTS,
+    kiln_types::workload::capability::ROOT_READ_ONLY,
     kiln_types::workload::capability::SECRETS,
     kiln_types::workload::capability::SECRETS_ENV,
 ];
@@ -80,6 +84,8 @@ pub struct Agent {
     /// The VM driver, when this host runs instances as QEMU microVMs.
     pub(crate) qemu: Option<runtime::qemu::Qemu>,
     pub(crate) instances: Mutex<HashMap<InstanceId, Arc<instance::Instance>>>,
+    /// Local volumes and the instance holding each.
+    pub(crate) volumes: volume::Volumes,
     /// Log lines from every instance, toward the shipper.
     pub(crate) logs_tx: mpsc::Sender<LogRecord>,
     logs_rx: std::sync::Mutex<Option<mpsc::Receiver<LogRecord>>>,
@@ -115,6 +121,7 @@ impl Agent {
         netlink::ensure_host_interface(reg.index).await?;
         let images = image::ImageCache::new(&config)?;
         let (logs_tx, logs_rx) = mpsc::channel(logs::QUEUE);
+        let volumes = volume::Volumes::new(&config.data_dir);
         tracing::info!(host_id = %reg.host_id, index = reg.index, "agent registered");
         Ok(Arc::new(Agent {
             runc: runc::Runc {
@@ -127,6 +134,7 @@ impl Agent {
             host_id: reg.host_id,
             images,
             instances: Mutex::new(HashMap::new()),
+            volumes,
             logs_tx,
             logs_rx: std::sync::Mutex::new(Some(logs_rx)),
         }))

@@ -3,7 +3,8 @@
 //!
 //! Usage is derived from the views at the time of the request: the org's apps, the instances
 //! and memory its apps' current releases want (the newest release that is deploying or healthy,
-//! per app), and its dedicated IPv4 addresses. A refusal is 409 `quota_exceeded` naming the quota,
+//! per app), the volumes those releases want (one per mount per instance slot), and its
+//! dedicated IPv4 addresses. A refusal is 409 `quota_exceeded` naming the quota,
 //! the usage, the limit and who can raise it; nothing is appended.
 
 use axum::http::StatusCode;
@@ -25,6 +26,8 @@ pub struct Quotas {
     /// Memory (MiB) of those instances.
     pub memory_mib: u64,
     pub ipv4_addresses: u64,
+    /// Local volumes wanted by those releases: one per mount per instance slot.
+    pub volumes: u64,
 }
 
 impl Default for Quotas {
@@ -34,6 +37,7 @@ impl Default for Quotas {
             instances: 500,
             memory_mib: 512 * 1024,
             ipv4_addresses: 5,
+            volumes: 100,
         }
     }
 }
@@ -69,6 +73,19 @@ fn wants(manifest: &serde_json::Value) -> (u64, u64) {
     }
 }
 
+/// Volumes a release's manifest wants: each instance slot of a group has one per mount of the
+/// group.
+fn volumes_wanted(manifest: &serde_json::Value) -> u64 {
+    match serde_json::from_value::<kiln_manifest::Manifest>(manifest.clone()) {
+        Ok(m) => m
+            .processes
+            .iter()
+            .map(|p| u64::from(m.desired_count(p)) * m.mount_specs(&p.name).len() as u64)
+            .sum(),
+        Err(_) => 0,
+    }
+}
+
 /// The release that runs (or is about to) for an app: its newest deploying or healthy one.
 fn current(releases: &[ReleaseRow]) -> Option<&ReleaseRow> {
     releases
@@ -85,7 +102,7 @@ pub(crate) async fn check_release(
     app: &AppId,
     manifest: &serde_json::Value,
 ) -> Result<(), ApiFailure> {
-    let (mut instances, mut memory) = (0u64, 0u64);
+    let (mut instances, mut memory, mut volumes) = (0u64, 0u64, 0u64);
     for a in c.store.apps(Some(org.clone())).await? {
         if &a.id == app {
             continue;
@@ -94,6 +111,7 @@ pub(crate) async fn check_release(
             let (n, m) = wants(&r.manifest);
             instances += n;
             memory += m;
+            volumes += volumes_wanted(&r.manifest);
         }
     }
     let (n, m) = wants(manifest);
@@ -103,6 +121,10 @@ pub(crate) async fn check_release(
     }
     if memory + m > q.memory_mib {
         return Err(exceeded("memory (MiB)", memory, m, q.memory_mib));
+    }
+    let v = volumes_wanted(manifest);
+    if volumes + v > q.volumes {
+        return Err(exceeded("volumes", volumes, v, q.volumes));
     }
     Ok(())
 }

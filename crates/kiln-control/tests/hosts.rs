@@ -417,6 +417,7 @@ async fn quotas_refuse_what_an_org_may_not_hold_and_say_which() {
                 instances: 3,
                 memory_mib: 100_000,
                 ipv4_addresses: 1,
+                volumes: 100,
             },
             ipv4_pool: Some(kiln_types::net::Ipv4Pool::parse("203.0.113.0/29").unwrap()),
             ..Default::default()

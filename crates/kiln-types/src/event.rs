@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::secrets::{SealedSecret, SecretName};
 use crate::{
     AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId, UserId,
+    VolumeId,
 };
 use crate::{MiB, MilliCpu, UnixMillis, WorkloadSpec};
 
@@ -334,6 +335,29 @@ pub enum Event {
         #[serde(default)]
         code: Option<String>,
     },
+    /// A local volume now exists for one slot of a process group's mount, on one host (decision
+    /// 0011: it never moves). The reconciler appends it with the placement of the first instance
+    /// of the slot; the agent creates the file when that instance starts.
+    VolumeCreated {
+        volume_id: VolumeId,
+        app_id: AppId,
+        env: String,
+        /// The mount's `volume` name in the manifest.
+        name: String,
+        /// The process group whose instances mount it.
+        process: String,
+        /// The instance slot (0-based) of the group the volume belongs to: the replacement of an
+        /// instance of the slot attaches the same volume.
+        slot: u32,
+        host_id: HostId,
+        size: MiB,
+    },
+    /// A volume is gone with its data: its app was destroyed. The host's agent deletes the file.
+    VolumeDeleted {
+        volume_id: VolumeId,
+        app_id: AppId,
+        host_id: HostId,
+    },
 }
 
 /// What a member may do in an org; each role maps to a fixed set of token scopes
@@ -393,6 +417,8 @@ impl Event {
         "secrets_unset",
         "secrets_delivered",
         "audit_recorded",
+        "volume_created",
+        "volume_deleted",
     ];
 
     /// The payload schema version this build writes for an event type (`None` for a type it does
@@ -485,6 +511,8 @@ impl Event {
             Self::SecretsUnset { .. } => "secrets_unset",
             Self::SecretsDelivered { .. } => "secrets_delivered",
             Self::AuditRecorded { .. } => "audit_recorded",
+            Self::VolumeCreated { .. } => "volume_created",
+            Self::VolumeDeleted { .. } => "volume_deleted",
         }
     }
 
@@ -509,7 +537,9 @@ impl Event {
             | Self::Ipv4Allocated { app_id, .. }
             | Self::Ipv4Released { app_id, .. }
             | Self::SecretsSet { app_id, .. }
-            | Self::SecretsUnset { app_id, .. } => (StreamType::App, app_id.to_string()),
+            | Self::SecretsUnset { app_id, .. }
+            | Self::VolumeCreated { app_id, .. }
+            | Self::VolumeDeleted { app_id, .. } => (StreamType::App, app_id.to_string()),
             Self::HostRegistered { host_id, .. } | Self::HostStateChanged { host_id, .. } => {
                 (StreamType::Host, host_id.to_string())
             }
