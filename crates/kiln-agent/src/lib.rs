@@ -168,6 +168,9 @@ impl Agent {
                     backoff = Duration::from_millis(200);
                     seq = a.seq;
                     self.apply(a.assignments).await;
+                    for v in &a.deleted_volumes {
+                        self.volumes.delete(v).await;
+                    }
                 }
                 Err(e) => {
                     // Instances keep running while the control plane is away; retry with backoff.

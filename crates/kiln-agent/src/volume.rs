@@ -107,6 +107,26 @@ impl Volumes {
         }
     }
 
+    /// Removes a deleted volume's file, unless an instance still holds it (then a later
+    /// assignments snapshot, which names it again, removes it). Returns whether it is gone.
+    pub async fn delete(&self, id: &VolumeId) -> bool {
+        let holders = self.holders.lock().await;
+        if holders.contains_key(id) {
+            return false;
+        }
+        match tokio::fs::remove_file(self.file(id)).await {
+            Ok(()) => {
+                tracing::info!(volume_id = %id, "volume deleted");
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => {
+                tracing::warn!(volume_id = %id, error = %e, "cannot delete volume");
+                false
+            }
+        }
+    }
+
     /// Releases every volume `instance` holds (after its mounts are gone).
     pub async fn release(&self, instance: &InstanceId) {
         self.holders.lock().await.retain(|_, h| h != instance);
@@ -215,5 +235,21 @@ mod tests {
         assert!(err.to_string().contains(a.as_str()), "{err}");
         v.release(&a).await;
         v.acquire(&id, &b, Duration::ZERO).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_deleted_volume_goes_once_no_instance_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Volumes::new(dir.path());
+        let id = VolumeId::generate();
+        let file = v.ensure(&id, &mount(64)).await.unwrap();
+        let holder = InstanceId::generate();
+        v.acquire(&id, &holder, Duration::ZERO).await.unwrap();
+        assert!(!v.delete(&id).await, "held volumes stay");
+        assert!(file.exists());
+        v.release(&holder).await;
+        assert!(v.delete(&id).await);
+        assert!(!file.exists());
+        assert!(v.delete(&id).await, "deleting twice is fine");
     }
 }

@@ -458,6 +458,19 @@ impl Store {
         self.query(views::VOLUMES, vec![], views::volume_row).await
     }
 
+    /// The deleted volumes that lived on `host` (its agent removes their files).
+    pub async fn deleted_volumes_on_host(
+        &self,
+        host: &HostId,
+    ) -> Result<Vec<VolumeRow>, StoreError> {
+        self.query(
+            views::VOLUMES_DELETED_ON_HOST,
+            vec![host.as_str().into()],
+            views::volume_row,
+        )
+        .await
+    }
+
     /// Every public port and dedicated address of the edges owned by an app.
     pub async fn allocations(&self) -> Result<Vec<AllocationRow>, StoreError> {
         self.query(views::ALLOCATIONS, vec![], views::allocation_row)

@@ -1011,6 +1011,11 @@ pub(crate) const VOLUMES: Query = Query {
     sql: "SELECT id, app_id, env, name, process, slot, host_id, size, created_at, deleted_at FROM volumes WHERE deleted_at IS NULL ORDER BY app_id, process, slot, name",
 };
 
+pub(crate) const VOLUMES_DELETED_ON_HOST: Query = Query {
+    name: "volumes_deleted_on_host",
+    sql: "SELECT id, app_id, env, name, process, slot, host_id, size, created_at, deleted_at FROM volumes WHERE host_id = $1 AND deleted_at IS NOT NULL ORDER BY id",
+};
+
 pub(crate) const ALLOCATIONS: Query = Query {
     name: "edge_allocations",
     sql: "SELECT address, port, app_id, allocated_at FROM edge_allocations ORDER BY address, port",

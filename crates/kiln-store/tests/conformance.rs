@@ -1020,6 +1020,9 @@ async fn rebuild_matches_live_views_and_replace_repairs_them(env: Env) {
     );
     assert_eq!((volumes[0].slot, volumes[0].size), (0, MiB(64)));
     assert_eq!(volumes[0].host_id, host);
+    let deleted = s.deleted_volumes_on_host(&host).await.unwrap();
+    assert_eq!(deleted.len(), 1);
+    assert!(deleted[0].deleted_at.is_some());
     let report = s.rebuild_views(false).await.unwrap();
     assert!(report.is_equal(), "{report:?}");
     assert_eq!(report.events, s.head());
