@@ -3,7 +3,8 @@
 //!
 //! An app with a `[[mounts]]` volume, running as a non-root user, writes into it; a deploy of a
 //! changed image replaces its instance stop-first and the new instance reads the same data back
-//! from the same volume; the old instance leaves no mount and no loop device behind. An app with
+//! from the same volume; the old instance leaves no mount and no loop device behind; after a
+//! `kilnd` restart the adopted instance is replaced the same way. An app with
 //! `read_only_root = true` cannot write to `/` but can write to its volume and to `/tmp`.
 
 use std::path::Path;
@@ -186,6 +187,35 @@ async fn a_volume_keeps_its_data_across_deploys_and_a_read_only_root_stays_read_
         "a mount of {v1_id} left: {mounts}"
     );
     ensure!(!data.join("instances").join(&v1_id).exists(), "state left");
+    ensure!(
+        loop_devices(&volume)? == 1,
+        "one loop device for the volume"
+    );
+
+    // A restarted kilnd adopts the instance with its volume, and a later deploy still replaces
+    // it stop-first onto the same data (the adopted instance releases the volume on its stop).
+    let api_before = dev.api_url.clone();
+    dev.stop()?;
+    let dev = DevProcess::start(&bins, &data)?;
+    let config = std::fs::read_to_string(&cli.config)?;
+    std::fs::write(&cli.config, config.replace(&api_before, &dev.api_url))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dev.log().contains("adopted running instance") {
+        ensure!(Instant::now() < deadline, "not adopted:\n{}", dev.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = cli.ok(&["deploy", "--image", &image("stateful", "v1")])?;
+    ensure!(
+        out.contains("v3 is healthy"),
+        "deploy v3: {out}\n{}",
+        dev.log()
+    );
+    only_version(&cli, "stateful", 3).await?;
+    let marks = sh_ok(&cli, "stateful", "cat /data/marks; echo $GREETING")?;
+    ensure!(
+        marks == "written-by-v1\nhello\n",
+        "after an agent restart and a deploy: {marks:?}"
+    );
     ensure!(
         loop_devices(&volume)? == 1,
         "one loop device for the volume"
