@@ -186,11 +186,26 @@ impl Agent {
         let mut known = self.instances.lock().await;
         for a in assignments {
             let id = a.spec.instance_id.clone();
-            if let Err(e) = a.spec.check_runnable(SUPPORTED_CAPABILITIES) {
+            let refused = match a.spec.check_runnable(SUPPORTED_CAPABILITIES) {
+                Err(e) => Some(e.to_string()),
+                // A mount must name its volume (WorkloadSpec 1.2): the agent never guesses one.
+                Ok(()) => a
+                    .spec
+                    .mounts
+                    .iter()
+                    .find(|m| m.volume_id.is_none())
+                    .map(|m| {
+                        AgentError::NoVolumeId {
+                            volume: m.volume.clone(),
+                        }
+                        .to_string()
+                    }),
+            };
+            if let Some(reason) = refused {
                 // Rejected whole, before anything is applied.
                 let report = InstanceReport {
                     state: InstanceState::Failed,
-                    reason: Some(e.to_string()),
+                    reason: Some(reason),
                 };
                 let _ = self
                     .client

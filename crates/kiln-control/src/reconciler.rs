@@ -156,6 +156,13 @@ impl Reconciler {
                 kiln_store::Allocation::DedicatedIpv4(_) => None,
             })
             .collect();
+        let mut volumes_of: BTreeMap<(AppId, String), Vec<&VolumeRow>> = BTreeMap::new();
+        for v in &volumes {
+            volumes_of
+                .entry((v.app_id.clone(), v.process.clone()))
+                .or_default()
+                .push(v);
+        }
         let mut plan = Plan {
             events: newly_down,
             capacity,
@@ -164,7 +171,7 @@ impl Reconciler {
             shared_ports: &shared_ports,
             host_state: &host_state,
             wants: Vec::new(),
-            volumes: &volumes,
+            volumes: volumes_of,
             attached,
             slots_taken: Default::default(),
         };
@@ -393,8 +400,9 @@ struct Plan<'a> {
     /// Public ports owned on the shared addresses, by app.
     shared_ports: &'a [(AppId, u16)],
     host_state: &'a BTreeMap<HostId, HostState>,
-    /// Every volume, and the ones an instance holds (including those placed in this pass).
-    volumes: &'a [VolumeRow],
+    /// Every volume by app and process group, and the ones an instance holds (including those
+    /// placed in this pass).
+    volumes: BTreeMap<(AppId, String), Vec<&'a VolumeRow>>,
     attached: std::collections::BTreeSet<VolumeId>,
     /// Instance slots given to placements of this pass (app, group, slot).
     slots_taken: std::collections::BTreeSet<(AppId, String, u32)>,
@@ -918,11 +926,15 @@ impl Plan<'_> {
         group: &Process,
     ) -> Result<(u32, Option<HostId>), String> {
         let count = manifest.desired_count(group);
+        let group_volumes = self
+            .volumes
+            .get(&(rel.app_id.clone(), group.name.clone()))
+            .map_or(&[][..], Vec::as_slice);
         for slot in 0..count {
-            let vols: Vec<&VolumeRow> = self
-                .volumes
+            let vols: Vec<&VolumeRow> = group_volumes
                 .iter()
-                .filter(|v| v.app_id == rel.app_id && v.process == group.name && v.slot == slot)
+                .filter(|v| v.slot == slot)
+                .copied()
                 .collect();
             if vols.iter().any(|v| self.attached.contains(&v.id))
                 || self
@@ -952,13 +964,14 @@ impl Plan<'_> {
     ) {
         self.slots_taken
             .insert((rel.app_id.clone(), group.name.clone(), slot));
+        let group_volumes = self
+            .volumes
+            .get(&(rel.app_id.clone(), group.name.clone()))
+            .map_or(&[][..], Vec::as_slice);
         for m in mounts.iter_mut() {
-            let existing = self.volumes.iter().find(|v| {
-                v.app_id == rel.app_id
-                    && v.process == group.name
-                    && v.slot == slot
-                    && v.name == m.volume
-            });
+            let existing = group_volumes
+                .iter()
+                .find(|v| v.slot == slot && v.name == m.volume);
             let id = match existing {
                 Some(v) => v.id.clone(),
                 None => {
