@@ -652,6 +652,29 @@ mod tests {
         assert_eq!(Event::from_parts(t, data).unwrap(), ev);
         assert!(Event::from_parts("no_such_event", serde_json::json!({})).is_err());
         assert!(Event::from_parts("app_created", serde_json::json!({"app_id": 3})).is_err());
+        let volume_id = crate::VolumeId::generate();
+        for ev in [
+            Event::VolumeCreated {
+                volume_id: volume_id.clone(),
+                app_id: AppId::generate(),
+                env: "production".into(),
+                name: "data".into(),
+                process: "app".into(),
+                slot: 2,
+                host_id: HostId::generate(),
+                size: MiB(1024),
+            },
+            Event::VolumeDeleted {
+                volume_id,
+                app_id: AppId::generate(),
+                host_id: HostId::generate(),
+            },
+        ] {
+            let (t, data) = ev.to_parts();
+            assert!(Event::CATALOG.contains(&t));
+            assert_eq!(ev.stream().kind, StreamType::App);
+            assert_eq!(Event::from_parts(t, data).unwrap(), ev);
+        }
     }
 
     #[test]
