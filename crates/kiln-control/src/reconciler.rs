@@ -925,31 +925,26 @@ impl Plan<'_> {
         manifest: &Manifest,
         group: &Process,
     ) -> Result<(u32, Option<HostId>), String> {
-        let count = manifest.desired_count(group);
         let group_volumes = self
             .volumes
             .get(&(rel.app_id.clone(), group.name.clone()))
             .map_or(&[][..], Vec::as_slice);
-        for slot in 0..count {
-            let vols: Vec<&VolumeRow> = group_volumes
-                .iter()
-                .filter(|v| v.slot == slot)
-                .copied()
-                .collect();
-            if vols.iter().any(|v| self.attached.contains(&v.id))
-                || self
-                    .slots_taken
+        free_slot(
+            group_volumes,
+            manifest.desired_count(group),
+            |v| self.attached.contains(&v.id),
+            |slot| {
+                self.slots_taken
                     .contains(&(rel.app_id.clone(), group.name.clone(), slot))
-            {
-                continue;
-            }
-            return Ok((slot, vols.first().map(|v| v.host_id.clone())));
-        }
-        Err(format!(
-            "every volume slot of process group {:?} is held by an instance that has not \
-             stopped yet (a group with volumes is replaced stop-first)",
-            group.name
-        ))
+            },
+        )
+        .ok_or_else(|| {
+            format!(
+                "every volume slot of process group {:?} is held by an instance that has not \
+                 stopped yet (a group with volumes is replaced stop-first)",
+                group.name
+            )
+        })
     }
 
     /// Fills in the volume of each mount for `slot`, creating (`volume_created`) those the
@@ -994,6 +989,21 @@ impl Plan<'_> {
             m.volume_id = Some(id);
         }
     }
+}
+
+/// The lowest instance slot below `count` whose volumes no instance holds and that is not
+/// `taken`, with the host of its volumes (`None`: it has none yet).
+fn free_slot(
+    group_volumes: &[&VolumeRow],
+    count: u32,
+    held: impl Fn(&VolumeRow) -> bool,
+    taken: impl Fn(u32) -> bool,
+) -> Option<(u32, Option<HostId>)> {
+    (0..count).find_map(|slot| {
+        let mut vols = group_volumes.iter().filter(|v| v.slot == slot).peekable();
+        let host = vols.peek().map(|v| v.host_id.clone());
+        (!taken(slot) && !vols.any(|v| held(v))).then_some((slot, host))
+    })
 }
 
 /// The scheduler's view of the fleet: every host with its state, and what the instances that are
@@ -1075,6 +1085,31 @@ pub(crate) async fn explain_placement(
     };
     let host_state = hosts.iter().map(|h| (h.id.clone(), h.state)).collect();
     let inventory = build_inventory(&hosts, &instances, &host_state);
+    // A group with volumes: the next instance takes the next free slot, pinned to its volumes.
+    let mut volumes = Volumes::None;
+    if !manifest.mount_specs(&group.name).is_empty() {
+        let all = store
+            .volumes()
+            .await
+            .map_err(ControlError::store("list volumes"))?;
+        let group_volumes: Vec<&VolumeRow> = all
+            .iter()
+            .filter(|v| &v.app_id == app && v.process == group.name)
+            .collect();
+        let held: std::collections::BTreeSet<&VolumeId> = instances
+            .iter()
+            .filter(|i| !i.state.is_terminal())
+            .flat_map(|i| i.spec.mounts.iter().filter_map(|m| m.volume_id.as_ref()))
+            .collect();
+        if let Some((_, Some(host))) = free_slot(
+            &group_volumes,
+            manifest.desired_count(group),
+            |v| held.contains(&v.id),
+            |_| false,
+        ) {
+            volumes = Volumes::Existing { host };
+        }
+    }
     Ok(Some(inventory.explain(&Request {
         group: Group {
             app: app.clone(),
@@ -1084,6 +1119,6 @@ pub(crate) async fn explain_placement(
         drivers: vec![],
         memory: manifest.vm.memory,
         cpu: MilliCpu::from_cpus(manifest.vm.cpus),
-        volumes: Volumes::None,
+        volumes,
     })))
 }

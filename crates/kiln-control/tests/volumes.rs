@@ -303,6 +303,27 @@ async fn the_volume_quota_refuses_a_release_wanting_more() {
         .await
         .unwrap();
     let api = Client::new(&format!("http://{addr}"), &token).unwrap();
+
+    // `kiln debug placement` knows the pin: with one instance stopped, the next instance of the
+    // group goes to the host of that slot's volume.
+    let (h1, e1) = host(1);
+    let (h2, e2) = host(2);
+    append(&store, vec![e1, e2]).await;
+    Reconciler::new(control.clone()).pass().await.unwrap();
+    let placed = store.all_instances().await.unwrap();
+    assert_eq!(placed.len(), 2);
+    let gone = &placed[0];
+    append(&store, vec![state(gone, InstanceState::Stopped)]).await;
+    let e = api.explain_placement("db", None).await.unwrap();
+    assert_eq!(e.chosen.as_ref(), Some(&gone.host_id), "{}", e.explanation);
+    let other = if gone.host_id == h1 { &h2 } else { &h1 };
+    let line = e
+        .explanation
+        .lines()
+        .find(|l| l.contains(other.as_str()))
+        .unwrap_or_else(|| panic!("a line for the other host: {}", e.explanation));
+    assert!(line.contains("volume is on"), "{line}");
+
     let scale = |n| kiln_api::ScaleRequest {
         count: Some(n),
         ..Default::default()
