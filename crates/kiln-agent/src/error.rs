@@ -71,6 +71,19 @@ pub enum AgentError {
     },
     #[error("user {user:?} of the image cannot be resolved in its /etc/passwd")]
     UnknownUser { user: String },
+    #[error("cannot create volume {volume}")]
+    Volume {
+        volume: kiln_types::VolumeId,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume {volume} is still attached to instance {holder}")]
+    VolumeBusy {
+        volume: kiln_types::VolumeId,
+        holder: String,
+    },
+    #[error("mount of volume {volume:?} names no volume id (a spec from a control plane older than WorkloadSpec 1.2)")]
+    NoVolumeId { volume: String },
 }
 
 impl AgentError {

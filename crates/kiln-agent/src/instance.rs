@@ -2,8 +2,10 @@
 //!
 //! Layout of an instance's state directory `<data>/instances/<id>/`:
 //! `config.json` (the runc bundle spec), `spec.json` (the WorkloadSpec it was started from),
-//! `upper/` and `work/` (its private overlay layer), `rootfs/` (the overlay mount), `log`.
-//! Teardown removes all of it, the mount, the veth pair, the namespace and the cgroup (via runc).
+//! `upper/` and `work/` (its private overlay layer), `rootfs/` (the overlay mount), `log`, and
+//! `volumes/<name>/` (each volume's loop mount, runc). Teardown removes all of it, the mounts
+//! and loop devices, the veth pair, the namespace and the cgroup (via runc); never the volumes'
+//! files, which outlive instances (`crate::volume`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -145,6 +147,10 @@ impl Instance {
         }
         let adopted = self.is_running(&agent).await;
         if adopted {
+            // It holds its volumes (mounted since it started).
+            for v in self.spec.mounts.iter().filter_map(|m| m.volume_id.as_ref()) {
+                let _ = agent.volumes.acquire(v, &id, Duration::ZERO).await;
+            }
             tracing::info!(instance_id = %id, "adopted running instance");
         } else {
             agent.report(&id, InstanceState::Starting, None).await;
@@ -257,12 +263,13 @@ impl Instance {
         .map_err(ferr(&spec_path))?;
         // After spec.json: from here on the image counts as in use for cache collection.
         let image = agent.images.prepare(&self.spec.image).await?;
+        let volumes = self.attach_volumes(agent).await?;
 
         if let Some(fc) = &agent.firecracker {
             let root = fc
                 .root_image(&image.rootfs, &agent.config.init_binary)
                 .await?;
-            let run = run_config(&self.spec, &image, &image.rootfs).await?;
+            let run = run_config(&self.spec, &image, &image.rootfs, true).await?;
             let paths = FcPaths {
                 dir: self.dir.clone(),
             };
@@ -274,9 +281,16 @@ impl Instance {
             let root = qemu
                 .root_image(&image.rootfs, &agent.config.init_binary)
                 .await?;
-            let run = run_config(&self.spec, &image, &image.rootfs).await?;
+            let run = run_config(&self.spec, &image, &image.rootfs, true).await?;
             return qemu
-                .start(&self.vm_paths(), &root, &self.spec, &run, &self.host_if)
+                .start(
+                    &self.vm_paths(),
+                    &root,
+                    &self.spec,
+                    &run,
+                    &self.host_if,
+                    &volumes,
+                )
                 .await;
         }
 
@@ -301,7 +315,18 @@ impl Instance {
         )
         .await?;
 
-        let run = run_config(&self.spec, &image, &rootfs).await?;
+        // Each volume loop-mounted on the host, for runc to bind-mount at its path.
+        let mut binds = Vec::with_capacity(volumes.len());
+        for (m, file) in self.spec.mounts.iter().zip(&volumes) {
+            let point = crate::volume::host_mount_point(&self.dir, m);
+            tokio::fs::create_dir_all(&point)
+                .await
+                .map_err(ferr(&point))?;
+            crate::volume::mount_loop(file, &point).await?;
+            binds.push((m.path.clone(), point));
+        }
+
+        let run = run_config(&self.spec, &image, &rootfs, false).await?;
         let kiln_dir = rootfs.join(".kiln");
         tokio::fs::create_dir_all(&kiln_dir)
             .await
@@ -324,6 +349,7 @@ impl Instance {
             &agent.config.init_binary,
             &self.dir.join("run"),
             &self.netns,
+            &binds,
         );
         let cfg_path = self.dir.join("config.json");
         tokio::fs::write(
@@ -336,6 +362,23 @@ impl Instance {
             .runc
             .run(self.id.as_str(), &self.dir, &self.dir.join("log"))
             .await
+    }
+
+    /// Takes every volume of the spec for this instance (waiting while another instance of this
+    /// host still holds one) and creates the ones that do not exist yet; their files, in the
+    /// order of `spec.mounts`.
+    async fn attach_volumes(&self, agent: &Agent) -> Result<Vec<PathBuf>, AgentError> {
+        let mut files = Vec::with_capacity(self.spec.mounts.len());
+        // An instance being replaced stops within its stop timeout; allow for the teardown.
+        let wait = Duration::from_millis(self.spec.stop.timeout_ms) + Duration::from_secs(30);
+        for m in &self.spec.mounts {
+            let id = m.volume_id.as_ref().ok_or_else(|| AgentError::NoVolumeId {
+                volume: m.volume.clone(),
+            })?;
+            agent.volumes.acquire(id, &self.id, wait).await?;
+            files.push(agent.volumes.ensure(id, m).await?);
+        }
+        Ok(files)
     }
 
     fn vm_paths(&self) -> VmPaths {
@@ -366,10 +409,17 @@ impl Instance {
         } else if agent.qemu.is_some() {
             Qemu::exit_record(&self.vm_paths()).await
         } else {
-            tokio::fs::read(self.dir.join("rootfs/.kiln/exit.json"))
-                .await
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            // Under the root, or in the run directory when the root is read-only.
+            let read = |p: PathBuf| async move {
+                tokio::fs::read(p)
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            };
+            match read(self.dir.join("rootfs/.kiln/exit.json")).await {
+                Some(v) => Some(v),
+                None => read(self.dir.join("run/exit.json")).await,
+            }
         };
         let mut reason = match status {
             Some(v) if v["signal"].is_number() => format!("killed by signal {}", v["signal"]),
@@ -474,6 +524,12 @@ impl Instance {
             let _ = netlink::run("umount", &["-l", &rootfs.display().to_string()], None).await;
         }
         netlink::delete(&self.netns, &self.host_if).await;
+        // Volumes first: removing the directory must never reach into a mounted volume.
+        if !crate::volume::unmount_all(&self.dir).await {
+            tracing::warn!(instance_id = %self.id, "a volume is still mounted; instance directory kept");
+            return;
+        }
+        agent.volumes.release(&self.id).await;
         if let Err(e) = tokio::fs::remove_dir_all(&self.dir).await {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(instance_id = %self.id, error = %e, "cannot remove instance directory");
@@ -504,11 +560,13 @@ async fn is_mountpoint(path: &Path) -> bool {
 }
 
 /// Resolves what kiln-init runs: image config merged with the WorkloadSpec (Docker semantics: an
-/// overridden entrypoint drops the image's cmd).
+/// overridden entrypoint drops the image's cmd). `vm`: kiln-init mounts the volumes itself, from
+/// drives named by serial.
 async fn run_config(
     spec: &WorkloadSpec,
     image: &PreparedImage,
     rootfs: &Path,
+    vm: bool,
 ) -> Result<RunConfig, AgentError> {
     let cfg = &image.config;
     let (entrypoint, cmd) = match (&spec.entrypoint, &spec.command) {
@@ -561,6 +619,16 @@ async fn run_config(
             export_env: spec.secrets.export_env,
             reload_signal: "SIGHUP".into(),
         }),
+        mounts: spec
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| kiln_types::guest::GuestMount {
+                path: m.path.clone(),
+                serial: vm.then(|| kiln_types::guest::volume_serial(i)),
+            })
+            .collect(),
+        read_only_root: spec.read_only_root,
     })
 }
 

@@ -20,6 +20,7 @@ mod logs;
 mod netlink;
 mod runc;
 pub mod runtime;
+mod volume;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,9 +35,20 @@ use kiln_types::{HostId, InstanceId, InstanceState, MiB, MilliCpu};
 
 /// WorkloadSpec capabilities (`kiln_types::workload::capability`) this agent can apply. A spec
 /// that requires anything else is reported failed with the reason, before anything is applied.
-/// The runc driver runs HTTP and exec checks and writes the secrets file (optionally exported as
-/// env) besides the 1.0 baseline; not yet volumes, kernel choice or performance CPUs.
+/// Both drivers this agent runs (runc and qemu) run HTTP and exec checks, write the secrets file
+/// (optionally exported as env), attach local volumes and mount the root read-only, besides the
+/// 1.0 baseline; not yet kernel choice or performance CPUs.
 const SUPPORTED_CAPABILITIES: &[&str] = &[
+    kiln_types::workload::capability::CHECK_HTTP,
+    kiln_types::workload::capability::CHECK_EXEC,
+    kiln_types::workload::capability::MOUNTS,
+    kiln_types::workload::capability::ROOT_READ_ONLY,
+    kiln_types::workload::capability::SECRETS,
+    kiln_types::workload::capability::SECRETS_ENV,
+];
+
+/// The Firecracker driver's: no volume drives or read-only root yet (untested there).
+const FIRECRACKER_CAPABILITIES: &[&str] = &[
     kiln_types::workload::capability::CHECK_HTTP,
     kiln_types::workload::capability::CHECK_EXEC,
     kiln_types::workload::capability::SECRETS,
@@ -86,6 +98,8 @@ pub struct Agent {
     /// The production VM driver, when this host runs Firecracker.
     pub(crate) firecracker: Option<runtime::firecracker::Firecracker>,
     pub(crate) instances: Mutex<HashMap<InstanceId, Arc<instance::Instance>>>,
+    /// Local volumes and the instance holding each.
+    pub(crate) volumes: volume::Volumes,
     /// Log lines from every instance, toward the shipper.
     pub(crate) logs_tx: mpsc::Sender<LogRecord>,
     logs_rx: std::sync::Mutex<Option<mpsc::Receiver<LogRecord>>>,
@@ -129,6 +143,7 @@ impl Agent {
         netlink::ensure_host_interface(reg.index).await?;
         let images = image::ImageCache::new(&config)?;
         let (logs_tx, logs_rx) = mpsc::channel(logs::QUEUE);
+        let volumes = volume::Volumes::new(&config.data_dir);
         tracing::info!(host_id = %reg.host_id, index = reg.index, "agent registered");
         Ok(Arc::new(Agent {
             runc: runc::Runc {
@@ -149,6 +164,7 @@ impl Agent {
             host_id: reg.host_id,
             images,
             instances: Mutex::new(HashMap::new()),
+            volumes,
             logs_tx,
             logs_rx: std::sync::Mutex::new(Some(logs_rx)),
         }))
@@ -182,6 +198,9 @@ impl Agent {
                     backoff = Duration::from_millis(200);
                     seq = a.seq;
                     self.apply(a.assignments).await;
+                    for v in &a.deleted_volumes {
+                        self.volumes.delete(v).await;
+                    }
                 }
                 Err(e) => {
                     // Instances keep running while the control plane is away; retry with backoff.
@@ -197,11 +216,31 @@ impl Agent {
         let mut known = self.instances.lock().await;
         for a in assignments {
             let id = a.spec.instance_id.clone();
-            if let Err(e) = a.spec.check_runnable(SUPPORTED_CAPABILITIES) {
+            let capabilities = if self.firecracker.is_some() {
+                FIRECRACKER_CAPABILITIES
+            } else {
+                SUPPORTED_CAPABILITIES
+            };
+            let refused = match a.spec.check_runnable(capabilities) {
+                Err(e) => Some(e.to_string()),
+                // A mount must name its volume (WorkloadSpec 1.2): the agent never guesses one.
+                Ok(()) => a
+                    .spec
+                    .mounts
+                    .iter()
+                    .find(|m| m.volume_id.is_none())
+                    .map(|m| {
+                        AgentError::NoVolumeId {
+                            volume: m.volume.clone(),
+                        }
+                        .to_string()
+                    }),
+            };
+            if let Some(reason) = refused {
                 // Rejected whole, before anything is applied.
                 let report = InstanceReport {
                     state: InstanceState::Failed,
-                    reason: Some(e.to_string()),
+                    reason: Some(reason),
                 };
                 let _ = self
                     .client

@@ -38,18 +38,30 @@ const CAPS: &[&str] = &[
     "CAP_NET_ADMIN",
 ];
 
-/// The runtime spec (config.json) of an instance's bundle.
+/// The runtime spec (config.json) of an instance's bundle. `volumes`: each volume's path inside
+/// the instance and its loop mount on the host, bind-mounted read-write (also when the root is
+/// read-only, which then gets tmpfs on `/tmp` and `/run`).
 pub(crate) fn bundle_config(
     spec: &WorkloadSpec,
     rootfs: &Path,
     init_binary: &Path,
     run_dir: &Path,
     netns: &str,
+    volumes: &[(String, PathBuf)],
 ) -> serde_json::Value {
     let memory = spec.vm.memory.bytes() as i64;
     let shares = (u64::from(spec.vm.cpu.0) * 1024 / 1000).max(2);
     let quota = u64::from(spec.vm.cpu.0) * CPU_PERIOD_US / 1000;
-    json!({
+    let mut extra: Vec<serde_json::Value> = Vec::new();
+    if spec.read_only_root {
+        for dir in ["/tmp", "/run"] {
+            extra.push(json!({ "destination": dir, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=65536k"] }));
+        }
+    }
+    for (path, source) in volumes {
+        extra.push(json!({ "destination": path, "type": "bind", "source": source, "options": ["rbind", "rw", "nosuid", "nodev"] }));
+    }
+    let mut config = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -60,7 +72,7 @@ pub(crate) fn bundle_config(
             "capabilities": { "bounding": CAPS, "effective": CAPS, "permitted": CAPS },
             "noNewPrivileges": false
         },
-        "root": { "path": rootfs, "readonly": false },
+        "root": { "path": rootfs, "readonly": spec.read_only_root },
         "hostname": spec.instance_id.as_str().replace('_', "-"),
         "mounts": [
             { "destination": "/proc", "type": "proc", "source": "proc" },
@@ -94,7 +106,11 @@ pub(crate) fn bundle_config(
             ],
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
         }
-    })
+    });
+    if let Some(mounts) = config["mounts"].as_array_mut() {
+        mounts.extend(extra);
+    }
+    config
 }
 
 /// The runc binary with its state root.

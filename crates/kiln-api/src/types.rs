@@ -179,6 +179,11 @@ pub struct Assignment {
 pub struct Assignments {
     pub seq: u64,
     pub assignments: Vec<Assignment>,
+    /// Volumes of this host that were deleted (their app was destroyed): the agent removes their
+    /// files once no instance holds them. Absent from older control planes: nothing to delete.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
+    pub deleted_volumes: Vec<kiln_types::VolumeId>,
 }
 
 /// An agent's report about one instance.

@@ -3,7 +3,8 @@
 //!
 //! Usage is derived from the views at the time of the request: the org's apps, the instances
 //! and memory its apps' current releases want (the newest release that is deploying or healthy,
-//! per app), and its dedicated IPv4 addresses. A refusal is 409 `quota_exceeded` naming the quota,
+//! per app), the volumes those releases want (one per mount per instance slot), and its
+//! dedicated IPv4 addresses. A refusal is 409 `quota_exceeded` naming the quota,
 //! the usage, the limit and who can raise it; nothing is appended.
 //!
 //! Limits are the platform's defaults (`ControlConfig::quotas`) unless the operator set others for
@@ -36,9 +37,9 @@ pub struct Quotas {
     pub instances: u64,
     /// Memory (MiB) of those instances.
     pub memory_mib: u64,
-    /// Volumes the org's apps hold.
-    pub volumes: u64,
     pub ipv4_addresses: u64,
+    /// Local volumes wanted by those releases: one per mount per instance slot.
+    pub volumes: u64,
 }
 
 impl Default for Quotas {
@@ -47,8 +48,8 @@ impl Default for Quotas {
             apps: 100,
             instances: 500,
             memory_mib: 512 * 1024,
-            volumes: 200,
             ipv4_addresses: 5,
+            volumes: 100,
         }
     }
 }
@@ -94,6 +95,7 @@ struct Usage {
     apps: u64,
     instances: u64,
     memory_mib: u64,
+    volumes: u64,
     ipv4_addresses: u64,
 }
 
@@ -108,6 +110,7 @@ async fn usage(c: &Control, org: &OrgId) -> Result<Usage, ApiFailure> {
             let (n, m) = wants(&r.manifest);
             u.instances += n;
             u.memory_mib += m;
+            u.volumes += volumes_wanted(&r.manifest);
         }
     }
     let ids: std::collections::BTreeSet<&AppId> = apps.iter().map(|a| &a.id).collect();
@@ -142,6 +145,19 @@ fn wants(manifest: &serde_json::Value) -> (u64, u64) {
     }
 }
 
+/// Volumes a release's manifest wants: each instance slot of a group has one per mount of the
+/// group.
+fn volumes_wanted(manifest: &serde_json::Value) -> u64 {
+    match serde_json::from_value::<kiln_manifest::Manifest>(manifest.clone()) {
+        Ok(m) => m
+            .processes
+            .iter()
+            .map(|p| u64::from(m.desired_count(p)) * m.mount_specs(&p.name).len() as u64)
+            .sum(),
+        Err(_) => 0,
+    }
+}
+
 /// The release that runs (or is about to) for an app: its newest deploying or healthy one.
 fn current(releases: &[ReleaseRow]) -> Option<&ReleaseRow> {
     releases
@@ -158,7 +174,7 @@ pub(crate) async fn check_release(
     app: &AppId,
     manifest: &serde_json::Value,
 ) -> Result<(), ApiFailure> {
-    let (mut instances, mut memory) = (0u64, 0u64);
+    let (mut instances, mut memory, mut volumes) = (0u64, 0u64, 0u64);
     for a in c.store.apps(Some(org.clone())).await? {
         if &a.id == app {
             continue;
@@ -167,6 +183,7 @@ pub(crate) async fn check_release(
             let (n, m) = wants(&r.manifest);
             instances += n;
             memory += m;
+            volumes += volumes_wanted(&r.manifest);
         }
     }
     let (n, m) = wants(manifest);
@@ -176,6 +193,10 @@ pub(crate) async fn check_release(
     }
     if memory + m > q.memory_mib {
         return Err(exceeded("memory (MiB)", memory, m, q.memory_mib));
+    }
+    let v = volumes_wanted(manifest);
+    if volumes + v > q.volumes {
+        return Err(exceeded("volumes", volumes, v, q.volumes));
     }
     Ok(())
 }
@@ -219,8 +240,7 @@ fn report(org: &OrgRow, q: Quotas, u: Usage) -> OrgQuotas {
             line("apps", q.apps, Some(u.apps), o.apps),
             line("instances", q.instances, Some(u.instances), o.instances),
             line("memory_mib", q.memory_mib, Some(u.memory_mib), o.memory_mib),
-            // Usage of volumes is counted where volumes are placed, not here.
-            line("volumes", q.volumes, None, o.volumes),
+            line("volumes", q.volumes, Some(u.volumes), o.volumes),
             line(
                 "ipv4_addresses",
                 q.ipv4_addresses,

@@ -27,11 +27,11 @@ use kiln_scheduler::rollout::{self, Action, Failure, Outcome, Routes, Strategy};
 use kiln_scheduler::{
     Driver, Group, Host, HostState, Inventory, Policy, Region, Request, Usage, Volumes,
 };
-use kiln_store::{Append, InstanceRow, Metadata, NewEvent, ReleaseRow};
+use kiln_store::{Append, InstanceRow, Metadata, NewEvent, ReleaseRow, VolumeRow};
 use kiln_types::event::{Event, ReleaseState};
 use kiln_types::workload::{BootSpec, MetricsSpec, NetworkSpec, SecretsSpec, VmSpec};
 use kiln_types::{
-    now_millis, AppId, HostId, InstanceId, InstanceState, MiB, MilliCpu, OrgId, StopSpec,
+    now_millis, AppId, HostId, InstanceId, InstanceState, MiB, MilliCpu, OrgId, StopSpec, VolumeId,
     WorkloadSpec, WORKLOAD_SPEC_VERSION,
 };
 
@@ -132,6 +132,17 @@ impl Reconciler {
             by_release.entry(&i.release_id).or_default().push(i);
         }
 
+        let volumes = store
+            .volumes()
+            .await
+            .map_err(ControlError::store("list volumes"))?;
+        // A volume is attached from an instance's placement until it is stopped or failed (the
+        // agent reports either only after it unmounted the volume).
+        let attached: std::collections::BTreeSet<VolumeId> = instances
+            .iter()
+            .filter(|i| !i.state.is_terminal())
+            .flat_map(|i| i.spec.mounts.iter().filter_map(|m| m.volume_id.clone()))
+            .collect();
         let shared_ports: Vec<(AppId, u16)> = store
             .allocations()
             .await
@@ -142,6 +153,13 @@ impl Reconciler {
                 kiln_store::Allocation::DedicatedIpv4(_) => None,
             })
             .collect();
+        let mut volumes_of: BTreeMap<(AppId, String), Vec<&VolumeRow>> = BTreeMap::new();
+        for v in &volumes {
+            volumes_of
+                .entry((v.app_id.clone(), v.process.clone()))
+                .or_default()
+                .push(v);
+        }
         let mut plan = Plan {
             events: newly_down,
             capacity,
@@ -150,6 +168,9 @@ impl Reconciler {
             shared_ports: &shared_ports,
             host_state: &host_state,
             wants: Vec::new(),
+            volumes: volumes_of,
+            attached,
+            slots_taken: Default::default(),
         };
         // The instances of a down host are lost: stateless ones are marked failed (and replaced
         // below like any failed instance); ones with volumes wait for their host, which holds
@@ -384,14 +405,21 @@ struct Plan<'a> {
     /// Public ports owned on the shared addresses, by app.
     shared_ports: &'a [(AppId, u16)],
     host_state: &'a BTreeMap<HostId, HostState>,
+    /// Every volume by app and process group, and the ones an instance holds (including those
+    /// placed in this pass).
+    volumes: BTreeMap<(AppId, String), Vec<&'a VolumeRow>>,
+    attached: std::collections::BTreeSet<VolumeId>,
+    /// Instance slots given to placements of this pass (app, group, slot).
+    slots_taken: std::collections::BTreeSet<(AppId, String, u32)>,
 }
 
-/// The deploy strategy of a stored manifest stops no old instance before it succeeds.
+/// The deploy strategy of a stored manifest stops no old instance before it succeeds. Not so for
+/// an app with volumes: its groups with mounts are replaced stop-first whatever the strategy.
 fn old_kept_while_deploying(manifest: &serde_json::Value) -> bool {
     matches!(
         manifest["deploy"]["strategy"].as_str(),
         Some("canary" | "bluegreen")
-    )
+    ) && manifest["mounts"].as_array().is_none_or(|m| m.is_empty())
 }
 
 /// Reason given to instances lost with their host (not counted as the app's own failures).
@@ -496,7 +524,20 @@ impl<'a> Plan<'a> {
                 self.stop(i, "failed during a deploy");
             }
         }
-        let strategy = |count: u32| match manifest.deploy.strategy {
+        let strategy = |count: u32, name: &str| match manifest.deploy.strategy {
+            // A group with mounts is replaced stop-first: an old instance stops and releases its
+            // volume before its replacement attaches it (placement waits for that), so no
+            // strategy may start a new instance above the count.
+            kiln_manifest::Strategy::Rolling
+            | kiln_manifest::Strategy::Canary
+            | kiln_manifest::Strategy::Bluegreen
+                if !manifest.mount_specs(name).is_empty() =>
+            {
+                Strategy::Rolling {
+                    max_unavailable: manifest.deploy.max_unavailable.of(count),
+                    max_surge: 0,
+                }
+            }
             // New instances start above the count and old ones stop only as new ones become
             // healthy: `max_unavailable` is how many are replaced at once, capacity never drops.
             kiln_manifest::Strategy::Rolling => Strategy::Rolling {
@@ -565,9 +606,9 @@ impl<'a> Plan<'a> {
             ));
         }
         let mut plans = Vec::with_capacity(pieces.len());
-        for (_, desired, old_desired, old, new) in &pieces {
+        for ((name, _), desired, old_desired, old, new) in &pieces {
             let input = rollout::Input {
-                strategy: strategy(*desired),
+                strategy: strategy(*desired, name),
                 desired: *desired,
                 old_desired: *old_desired,
                 old,
@@ -828,7 +869,7 @@ impl<'a> Plan<'a> {
         group: &Process,
         region: &str,
     ) -> Result<(), String> {
-        let req = Request {
+        let mut req = Request {
             group: Group {
                 app: rel.app_id.clone(),
                 process: group.name.clone(),
@@ -839,8 +880,21 @@ impl<'a> Plan<'a> {
             cpu: MilliCpu::from_cpus(manifest.vm.cpus),
             volumes: Volumes::None,
         };
+        let mut mounts = manifest.mount_specs(&group.name);
+        let slot = if mounts.is_empty() {
+            None
+        } else {
+            let (slot, host) = self.volume_slot(rel, manifest, group, region)?;
+            if let Some(host) = host {
+                req.volumes = Volumes::Existing { host };
+            }
+            Some(slot)
+        };
         // Records the instance on its host, so the next placement of this pass sees it.
         let host = self.capacity.place(&req).map_err(|e| e.to_string())?;
+        if let Some(slot) = slot {
+            self.attach_volumes(rel, group, slot, &host, &mut mounts);
+        }
         let index = self
             .hosts
             .iter()
@@ -879,7 +933,7 @@ impl<'a> Plan<'a> {
                 gateway: kiln_types::net::host_address(index),
             },
             services: group.services.iter().map(|s| s.to_spec()).collect(),
-            mounts: manifest.mount_specs(&group.name),
+            mounts,
             secrets,
             metrics: manifest.metrics.as_ref().map(|m| MetricsSpec {
                 port: m.port,
@@ -889,6 +943,7 @@ impl<'a> Plan<'a> {
                 signal: manifest.stop_signal.clone(),
                 timeout_ms: manifest.stop_timeout_ms,
             },
+            read_only_root: manifest.vm.read_only_root,
         };
         // Name what an agent must not ignore, so that one lacking it refuses the spec whole.
         spec.requires = spec.required_capabilities();
@@ -901,9 +956,112 @@ impl<'a> Plan<'a> {
     }
 }
 
+impl Plan<'_> {
+    /// The instance slot the next instance of `group` takes, and the host its volumes pin it
+    /// to (`None`: the slot has none yet, they are created where the instance is placed).
+    ///
+    /// Slots are 0..count of the group. The lowest slot none of whose volumes is attached to a
+    /// live or stopping instance is taken, so a replacement gets the volumes of the instance it
+    /// replaces. When every slot is held the placement waits (an instance stopping releases
+    /// one): a group with volumes never runs above its count, and never gets a new, empty volume
+    /// for a slot that has one, even when that volume's host is down.
+    fn volume_slot(
+        &self,
+        rel: &ReleaseRow,
+        manifest: &Manifest,
+        group: &Process,
+        region: &str,
+    ) -> Result<(u32, Option<HostId>), String> {
+        let group_volumes = self
+            .volumes
+            .get(&(rel.app_id.clone(), group.name.clone()))
+            .map_or(&[][..], Vec::as_slice);
+        // Slots whose volumes live in another region are that region's.
+        let elsewhere: std::collections::BTreeSet<u32> = group_volumes
+            .iter()
+            .filter(|v| self.region_of(&v.host_id) != region)
+            .map(|v| v.slot)
+            .collect();
+        free_slot(
+            group_volumes,
+            manifest.desired_count(group) + elsewhere.len() as u32,
+            |v| self.attached.contains(&v.id) || elsewhere.contains(&v.slot),
+            |slot| {
+                self.slots_taken
+                    .contains(&(rel.app_id.clone(), group.name.clone(), slot))
+            },
+        )
+        .ok_or_else(|| {
+            format!(
+                "every volume slot of process group {:?} is held by an instance that has not \
+                 stopped yet (a group with volumes is replaced stop-first)",
+                group.name
+            )
+        })
+    }
+
+    /// Fills in the volume of each mount for `slot`, creating (`volume_created`) those the
+    /// slot does not have yet on `host`, and marks them attached for the rest of the pass.
+    fn attach_volumes(
+        &mut self,
+        rel: &ReleaseRow,
+        group: &Process,
+        slot: u32,
+        host: &HostId,
+        mounts: &mut [kiln_types::workload::MountSpec],
+    ) {
+        self.slots_taken
+            .insert((rel.app_id.clone(), group.name.clone(), slot));
+        let group_volumes = self
+            .volumes
+            .get(&(rel.app_id.clone(), group.name.clone()))
+            .map_or(&[][..], Vec::as_slice);
+        for m in mounts.iter_mut() {
+            let existing = group_volumes
+                .iter()
+                .find(|v| v.slot == slot && v.name == m.volume);
+            let id = match existing {
+                Some(v) => v.id.clone(),
+                None => {
+                    let id = VolumeId::generate();
+                    tracing::info!(volume_id = %id, app_id = %rel.app_id, slot, host_id = %host, "volume created");
+                    self.events.push(Event::VolumeCreated {
+                        volume_id: id.clone(),
+                        app_id: rel.app_id.clone(),
+                        env: kiln_types::secrets::DEFAULT_ENV.into(),
+                        name: m.volume.clone(),
+                        process: group.name.clone(),
+                        slot,
+                        host_id: host.clone(),
+                        size: m.initial_size,
+                    });
+                    id
+                }
+            };
+            self.attached.insert(id.clone());
+            m.volume_id = Some(id);
+        }
+    }
+}
+
+/// The lowest instance slot below `count` whose volumes no instance holds and that is not
+/// `taken`, with the host of its volumes (`None`: it has none yet).
+fn free_slot(
+    group_volumes: &[&VolumeRow],
+    count: u32,
+    held: impl Fn(&VolumeRow) -> bool,
+    taken: impl Fn(u32) -> bool,
+) -> Option<(u32, Option<HostId>)> {
+    (0..count).find_map(|slot| {
+        let mut vols = group_volumes.iter().filter(|v| v.slot == slot).peekable();
+        let host = vols.peek().map(|v| v.host_id.clone());
+        (!taken(slot) && !vols.any(|v| held(v))).then_some((slot, host))
+    })
+}
+
 /// The scheduler's view of the fleet: every host with its state, and what the instances that are
-/// not stopped or failed take on it. Hosts carry no region or volume space yet: one region for
-/// all, no volumes placed; only `ready` hosts take new instances.
+/// not stopped or failed take on it. Hosts carry no volume space yet (volumes do not count against
+/// a host's disk); only `ready` hosts take new instances.
 fn build_inventory(
     hosts: &[kiln_store::HostRow],
     instances: &[InstanceRow],
@@ -981,6 +1139,31 @@ pub(crate) async fn explain_placement(
     };
     let host_state = hosts.iter().map(|h| (h.id.clone(), h.state)).collect();
     let inventory = build_inventory(&hosts, &instances, &host_state);
+    // A group with volumes: the next instance takes the next free slot, pinned to its volumes.
+    let mut volumes = Volumes::None;
+    if !manifest.mount_specs(&group.name).is_empty() {
+        let all = store
+            .volumes()
+            .await
+            .map_err(ControlError::store("list volumes"))?;
+        let group_volumes: Vec<&VolumeRow> = all
+            .iter()
+            .filter(|v| &v.app_id == app && v.process == group.name)
+            .collect();
+        let held: std::collections::BTreeSet<&VolumeId> = instances
+            .iter()
+            .filter(|i| !i.state.is_terminal())
+            .flat_map(|i| i.spec.mounts.iter().filter_map(|m| m.volume_id.as_ref()))
+            .collect();
+        if let Some((_, Some(host))) = free_slot(
+            &group_volumes,
+            manifest.desired_count(group),
+            |v| held.contains(&v.id),
+            |_| false,
+        ) {
+            volumes = Volumes::Existing { host };
+        }
+    }
     Ok(Some(inventory.explain(&Request {
         group: Group {
             app: app.clone(),
@@ -990,6 +1173,6 @@ pub(crate) async fn explain_placement(
         drivers: vec![],
         memory: manifest.vm.memory,
         cpu: MilliCpu::from_cpus(manifest.vm.cpus),
-        volumes: Volumes::None,
+        volumes,
     })))
 }

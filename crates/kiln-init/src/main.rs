@@ -21,6 +21,7 @@
 mod channel;
 mod exec;
 mod layer;
+mod mounts;
 mod net;
 mod secrets;
 mod vm;
@@ -86,7 +87,10 @@ fn write_exit(status: ExitStatus) {
         status.code.map_or("null".into(), |c| c.to_string()),
         status.signal.map_or("null".into(), |s| s.to_string())
     );
-    let _ = std::fs::write(EXIT_PATH, body);
+    // A read-only root has no room for it: the run directory (shared with the host) does.
+    if std::fs::write(EXIT_PATH, &body).is_err() {
+        let _ = std::fs::write(format!("{}/exit.json", kiln_types::guest::RUN_DIR), body);
+    }
 }
 
 fn main() {
@@ -166,6 +170,14 @@ fn run(config: RunConfig, transport: Transport) -> ExitStatus {
                 signal: None,
             };
         }
+    }
+    if let Err(e) = mounts::prepare(&config, matches!(transport, Transport::VmPort)) {
+        // Without its volumes the app would write where nothing is kept: do not start it.
+        log(&format!("cannot prepare the volumes: {e}"));
+        return ExitStatus {
+            code: Some(126),
+            signal: None,
+        };
     }
     // CAP_NET_ADMIN was granted for the step above only: take it out of the bounding set, so
     // neither the app nor exec sessions (root or not) can get it back.

@@ -68,6 +68,8 @@ impl Manifest {
                 volume: m.volume.clone(),
                 path: m.path.clone(),
                 initial_size: m.initial_size,
+                // Chosen per instance slot by the control plane at placement.
+                volume_id: None,
             })
             .collect()
     }
@@ -80,6 +82,10 @@ pub struct Vm {
     #[serde(default)]
     pub cpu_kind: CpuKind,
     pub memory: MiB,
+    /// The instance's root filesystem is mounted read-only; volumes, `/tmp` and `/run` stay
+    /// writable. Absent in manifests stored before it existed: writable.
+    #[serde(default)]
+    pub read_only_root: bool,
 }
 
 /// One process group: instances of the image running one command.
@@ -382,6 +388,7 @@ fn default_vm() -> Vm {
         cpus: defaults::CPUS,
         cpu_kind: CpuKind::Shared,
         memory: MiB(defaults::MEMORY_MIB),
+        read_only_root: false,
     }
 }
 fn default_stop_signal() -> String {

@@ -128,6 +128,11 @@ pub fn to_toml(m: &Manifest, style: Style) -> String {
                 m.vm.memory.0.to_string(),
                 m.vm.memory.0 == defaults::MEMORY_MIB,
             ),
+            (
+                "read_only_root",
+                m.vm.read_only_root.to_string(),
+                !m.vm.read_only_root,
+            ),
         ],
     );
 

@@ -264,6 +264,12 @@ pub(crate) static VM: Table = Table {
             Default::Int(df::MEMORY_MIB as i64),
             "Memory in MiB, a hard cap; a multiple of 64.",
         ),
+        d(
+            "read_only_root",
+            Ty::Bool,
+            Default::Bool(false),
+            "Mount the instance's root filesystem read-only; volumes, /tmp and /run stay writable.",
+        ),
     ],
 };
 

@@ -689,8 +689,10 @@ fn vm(cx: &mut Cx, top: &Tbl<'_, '_>) -> Vm {
         cpus: defaults::CPUS,
         cpu_kind: CpuKind::Shared,
         memory: MiB(defaults::MEMORY_MIB),
+        read_only_root: false,
     };
     if let Some(t) = cx.subtable(top, "vm", &schema::VM) {
+        vm.read_only_root = cx.bool(&t, "read_only_root").unwrap_or(false);
         if let Some((n, _)) = cx.int(&t, "cpus") {
             vm.cpus = n as u32;
         }

@@ -136,6 +136,7 @@ fn values_are_checked() {
     let cases: &[(&str, &str)] = &[
         ("[vm]\nmemory_mib = 96\n", "multiple of 64"),
         ("[vm]\ncpu_kind = \"dedicated\"\n", "\"shared\", \"performance\""),
+        ("[vm]\nread_only_root = \"yes\"\n", "vm.read_only_root"),
         ("stop_timeout = \"5\"\n", "expected a duration"),
         ("stop_timeout = \"25h\"\n", "from 0s to 24h"),
         ("primary_region = \"EU\"\n", "primary_region"),

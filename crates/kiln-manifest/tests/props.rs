@@ -233,6 +233,7 @@ fn manifest() -> impl Strategy<Value = Manifest> {
                         CpuKind::Shared
                     },
                     memory: MiB(mem_units * 64),
+                    read_only_root: perf,
                 },
                 processes,
                 mounts,

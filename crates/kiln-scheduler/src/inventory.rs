@@ -369,7 +369,10 @@ impl Inventory {
         let e = &self.entries[slot as usize];
         match e.host.state {
             HostState::Down => return Some(Constraint::HostDown),
-            HostState::Draining => return Some(Constraint::HostDraining),
+            // A draining host keeps what its volumes pin to it: volumes do not move, so the
+            // replacement of such an instance (a redeploy, a restart) goes back to its volume.
+            HostState::Draining if pinned != Some(slot) => return Some(Constraint::HostDraining),
+            HostState::Draining => {}
             HostState::Ready => {}
         }
         if e.host.region != req.region {

@@ -152,6 +152,19 @@ fn an_existing_volume_pins_the_instance_to_its_host() {
 }
 
 #[test]
+fn a_draining_host_still_takes_what_its_volumes_pin_to_it() {
+    let mut inv = Inventory::new(vec![host(1, 8192), host(2, 8192)], Policy::default());
+    inv.set_state(&hid(2), HostState::Draining);
+    let mut r = req(256);
+    r.volumes = Volumes::Existing { host: hid(2) };
+    assert_eq!(inv.place(&r), Ok(hid(2)));
+    // Nothing else goes there, and a down host takes nothing.
+    assert_eq!(inv.place(&req(256)), Ok(hid(1)));
+    inv.set_state(&hid(2), HostState::Down);
+    assert_eq!(inv.place(&r).unwrap_err().count(Constraint::HostDown), 1);
+}
+
+#[test]
 fn a_new_volume_needs_volume_space() {
     let mut a = host(1, 8192);
     a.disk = MiB(500);

@@ -38,7 +38,7 @@ pub use checksum::{RebuildReport, ViewChecksum};
 pub use error::{DbError, StoreError};
 pub use views::{
     Allocation, AllocationRow, AppRow, DataKeyRow, HostRow, InstanceRow, MembershipRow, OrgRow,
-    ReleaseRow, SecretEntryRow, SecretEnvRow, TokenRow, UserRow,
+    ReleaseRow, SecretEntryRow, SecretEnvRow, TokenRow, UserRow, VolumeRow,
 };
 
 use sql::Val;
@@ -451,6 +451,24 @@ impl Store {
 
     pub async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
         self.query(views::HOSTS, vec![], views::host_row).await
+    }
+
+    /// Every volume not deleted, ordered by app, process group, slot and name.
+    pub async fn volumes(&self) -> Result<Vec<VolumeRow>, StoreError> {
+        self.query(views::VOLUMES, vec![], views::volume_row).await
+    }
+
+    /// The deleted volumes that lived on `host` (its agent removes their files).
+    pub async fn deleted_volumes_on_host(
+        &self,
+        host: &HostId,
+    ) -> Result<Vec<VolumeRow>, StoreError> {
+        self.query(
+            views::VOLUMES_DELETED_ON_HOST,
+            vec![host.as_str().into()],
+            views::volume_row,
+        )
+        .await
     }
 
     /// Every public port and dedicated address of the edges owned by an app.

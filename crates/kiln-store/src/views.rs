@@ -11,7 +11,7 @@ use kiln_types::event::{Event, ReleaseState, Role};
 use kiln_types::secrets::SecretName;
 use kiln_types::{
     AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, MiB, MilliCpu, OrgId, ReleaseId,
-    TokenId, UnixMillis, UserId, WorkloadSpec,
+    TokenId, UnixMillis, UserId, VolumeId, WorkloadSpec,
 };
 
 use crate::error::DbError;
@@ -144,6 +144,19 @@ ALTER TABLE releases ADD COLUMN secrets_version BIGINT NOT NULL DEFAULT 0;
     // event set them before, so no replay is needed.
     ViewMigration {
         sql: "ALTER TABLE orgs ADD COLUMN quotas TEXT;",
+        replay: false,
+    },
+    // v9: local volumes (decision 0011), one row per volume ever created; `deleted_at` is set
+    // when its app is destroyed. No event of the kind existed before, so nothing to replay.
+    ViewMigration {
+        sql: r#"
+CREATE TABLE volumes (
+    id TEXT PRIMARY KEY, app_id TEXT NOT NULL, env TEXT NOT NULL, name TEXT NOT NULL,
+    process TEXT NOT NULL, slot BIGINT NOT NULL, host_id TEXT NOT NULL, size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL, deleted_at BIGINT
+);
+CREATE INDEX volumes_app ON volumes (app_id);
+"#,
         replay: false,
     },
 ];
@@ -331,6 +344,22 @@ pub(crate) const VIEW_TABLES: &[ViewTable] = &[
             ("created_at", Int),
         ],
     },
+    ViewTable {
+        name: "volumes",
+        key: "id",
+        cols: &[
+            ("id", Text),
+            ("app_id", Text),
+            ("env", Text),
+            ("name", Text),
+            ("process", Text),
+            ("slot", Int),
+            ("host_id", Text),
+            ("size", Int),
+            ("created_at", Int),
+            ("deleted_at", Int),
+        ],
+    },
 ];
 
 /// `edge_allocations.address` of a port of the shared addresses.
@@ -392,6 +421,9 @@ pub(crate) const UPSERT_SECRET_ENV: &str = "INSERT INTO secret_envs (app_id, env
 pub(crate) const END_SECRET_ENTRY: &str = "UPDATE secret_entries SET to_version = $4 WHERE app_id = $1 AND env = $2 AND name = $3 AND to_version IS NULL";
 pub(crate) const INSERT_SECRET_ENTRY: &str = "INSERT INTO secret_entries (app_id, env, name, from_version, to_version, key_id, ciphertext, digest, created_at) VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8)";
 
+pub(crate) const INSERT_VOLUME: &str = "INSERT INTO volumes (id, app_id, env, name, process, slot, host_id, size, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+pub(crate) const DELETE_VOLUME: &str =
+    "UPDATE volumes SET deleted_at = $2 WHERE id = $1 AND deleted_at IS NULL";
 pub(crate) const INSERT_ALLOCATION: &str =
     "INSERT INTO edge_allocations (address, port, app_id, allocated_at) VALUES ($1, $2, $3, $4)";
 pub(crate) const DELETE_ALLOCATION: &str =
@@ -744,6 +776,32 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
                 org_id.as_str().into(),
             ],
         )],
+        Event::VolumeCreated {
+            volume_id,
+            app_id,
+            env,
+            name,
+            process,
+            slot,
+            host_id,
+            size,
+        } => vec![(
+            INSERT_VOLUME,
+            vec![
+                volume_id.as_str().into(),
+                app_id.as_str().into(),
+                env.as_str().into(),
+                name.as_str().into(),
+                process.as_str().into(),
+                (*slot).into(),
+                host_id.as_str().into(),
+                size.0.into(),
+                at,
+            ],
+        )],
+        Event::VolumeDeleted { volume_id, .. } => {
+            vec![(DELETE_VOLUME, vec![volume_id.as_str().into(), at])]
+        }
     }
 }
 
@@ -864,6 +922,23 @@ pub struct InstanceRow {
     pub updated_at: UnixMillis,
 }
 
+/// A local volume: one slot of one mount of one process group, on one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRow {
+    pub id: VolumeId,
+    pub app_id: AppId,
+    pub env: String,
+    /// The mount's `volume` name.
+    pub name: String,
+    pub process: String,
+    pub slot: u32,
+    pub host_id: HostId,
+    pub size: MiB,
+    pub created_at: UnixMillis,
+    /// Set when the app was destroyed (the data is gone).
+    pub deleted_at: Option<UnixMillis>,
+}
+
 /// A public port or address of the edges owned by an app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Allocation {
@@ -978,6 +1053,16 @@ pub(crate) const INSTANCES_ON_HOST: Query = Query {
 pub(crate) const INSTANCE: Query = Query {
     name: "instance",
     sql: "SELECT id, app_id, release_id, release_version, host_id, spec, state, reason, desired_running, created_at, updated_at FROM instances WHERE id = $1",
+};
+
+pub(crate) const VOLUMES: Query = Query {
+    name: "volumes",
+    sql: "SELECT id, app_id, env, name, process, slot, host_id, size, created_at, deleted_at FROM volumes WHERE deleted_at IS NULL ORDER BY app_id, process, slot, name",
+};
+
+pub(crate) const VOLUMES_DELETED_ON_HOST: Query = Query {
+    name: "volumes_deleted_on_host",
+    sql: "SELECT id, app_id, env, name, process, slot, host_id, size, created_at, deleted_at FROM volumes WHERE host_id = $1 AND deleted_at IS NOT NULL ORDER BY id",
 };
 
 pub(crate) const ALLOCATIONS: Query = Query {
@@ -1116,6 +1201,25 @@ pub(crate) fn instance_row(r: &dyn Cols) -> Result<InstanceRow, DbError> {
         desired_running: r.boolean(8)?,
         created_at: r.int(9)?,
         updated_at: r.int(10)?,
+    })
+}
+
+pub(crate) fn volume_row(r: &dyn Cols) -> Result<VolumeRow, DbError> {
+    let slot = r.uint(5)?;
+    Ok(VolumeRow {
+        id: parsed(r, 0, parse)?,
+        app_id: parsed(r, 1, parse)?,
+        env: r.text(2)?,
+        name: r.text(3)?,
+        process: r.text(4)?,
+        slot: u32::try_from(slot).map_err(|_| DbError::Column {
+            column: 5,
+            value: slot.to_string(),
+        })?,
+        host_id: parsed(r, 6, parse)?,
+        size: MiB(r.uint(7)?),
+        created_at: r.int(8)?,
+        deleted_at: r.opt_int(9)?,
     })
 }
 

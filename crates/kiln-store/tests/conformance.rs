@@ -982,10 +982,52 @@ async fn rebuild_matches_live_views_and_replace_repairs_them(env: Env) {
     ]))
     .await
     .unwrap();
+    // Volumes: one kept, one deleted (the view keeps its row with `deleted_at`).
+    let host = s.hosts().await.unwrap()[0].id.clone();
+    let volume = |slot: u32| Event::VolumeCreated {
+        volume_id: kiln_types::VolumeId::generate(),
+        app_id: app.clone(),
+        env: "production".into(),
+        name: "data".into(),
+        process: "app".into(),
+        slot,
+        host_id: host.clone(),
+        size: MiB(64),
+    };
+    let (kept, gone) = (volume(0), volume(1));
+    let Event::VolumeCreated {
+        volume_id: gone_id, ..
+    } = &gone
+    else {
+        unreachable!()
+    };
+    let deleted = Event::VolumeDeleted {
+        volume_id: gone_id.clone(),
+        app_id: app.clone(),
+        host_id: host.clone(),
+    };
+    s.append(append(vec![
+        NewEvent::any(kept),
+        NewEvent::any(gone),
+        NewEvent::any(deleted),
+    ]))
+    .await
+    .unwrap();
+    let volumes = s.volumes().await.unwrap();
+    assert_eq!(
+        volumes.len(),
+        1,
+        "a deleted volume is not listed: {volumes:?}"
+    );
+    assert_eq!((volumes[0].slot, volumes[0].size), (0, MiB(64)));
+    assert_eq!(volumes[0].host_id, host);
+    let deleted = s.deleted_volumes_on_host(&host).await.unwrap();
+    assert_eq!(deleted.len(), 1);
+    assert!(deleted[0].deleted_at.is_some());
     let report = s.rebuild_views(false).await.unwrap();
     assert!(report.is_equal(), "{report:?}");
     assert_eq!(report.events, s.head());
-    assert_eq!(report.live.len(), 12);
+    assert_eq!(report.live.len(), 13);
     assert!(report.live.iter().all(|c| c.rows > 0), "{report:?}");
     // Damage a live view behind the store's back: the rebuild sees it, and replace repairs it.
     env.exec("UPDATE apps SET release_count = 42");

@@ -396,6 +396,17 @@ pub fn cleanup_instances(data_dir: &Path) {
         }
         let rootfs = e.path().join("rootfs");
         let _ = Command::new("umount").arg("-l").arg(&rootfs).output();
+        // Volumes loop-mounted for runc: unmount and detach their loop devices before the
+        // directory goes (removing it through a mounted volume would empty the volume).
+        if let Ok(vols) = std::fs::read_dir(e.path().join("volumes")) {
+            for v in vols.flatten() {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg("-d")
+                    .arg(v.path())
+                    .output();
+            }
+        }
         if let Some(suffix) = id.strip_prefix("ins_") {
             let _ = Command::new("ip")
                 .args(["netns", "del", &format!("kiln-{suffix}")])

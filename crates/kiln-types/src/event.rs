@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::secrets::{SealedSecret, SecretName};
 use crate::{
     AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId, UserId,
+    VolumeId,
 };
 use crate::{MiB, MilliCpu, UnixMillis, WorkloadSpec};
 
@@ -350,6 +351,29 @@ pub enum Event {
         org_id: OrgId,
         quotas: QuotaOverrides,
     },
+    /// A local volume now exists for one slot of a process group's mount, on one host (decision
+    /// 0011: it never moves). The reconciler appends it with the placement of the first instance
+    /// of the slot; the agent creates the file when that instance starts.
+    VolumeCreated {
+        volume_id: VolumeId,
+        app_id: AppId,
+        env: String,
+        /// The mount's `volume` name in the manifest.
+        name: String,
+        /// The process group whose instances mount it.
+        process: String,
+        /// The instance slot (0-based) of the group the volume belongs to: the replacement of an
+        /// instance of the slot attaches the same volume.
+        slot: u32,
+        host_id: HostId,
+        size: MiB,
+    },
+    /// A volume is gone with its data: its app was destroyed. The host's agent deletes the file.
+    VolumeDeleted {
+        volume_id: VolumeId,
+        app_id: AppId,
+        host_id: HostId,
+    },
 }
 
 /// What a member may do in an org; each role maps to a fixed set of token scopes
@@ -410,6 +434,8 @@ impl Event {
         "secrets_delivered",
         "audit_recorded",
         "org_quotas_set",
+        "volume_created",
+        "volume_deleted",
         "app_destroyed",
     ];
 
@@ -505,6 +531,8 @@ impl Event {
             Self::SecretsDelivered { .. } => "secrets_delivered",
             Self::AuditRecorded { .. } => "audit_recorded",
             Self::OrgQuotasSet { .. } => "org_quotas_set",
+            Self::VolumeCreated { .. } => "volume_created",
+            Self::VolumeDeleted { .. } => "volume_deleted",
         }
     }
 
@@ -531,7 +559,9 @@ impl Event {
             | Self::Ipv4Allocated { app_id, .. }
             | Self::Ipv4Released { app_id, .. }
             | Self::SecretsSet { app_id, .. }
-            | Self::SecretsUnset { app_id, .. } => (StreamType::App, app_id.to_string()),
+            | Self::SecretsUnset { app_id, .. }
+            | Self::VolumeCreated { app_id, .. }
+            | Self::VolumeDeleted { app_id, .. } => (StreamType::App, app_id.to_string()),
             Self::HostRegistered { host_id, .. } | Self::HostStateChanged { host_id, .. } => {
                 (StreamType::Host, host_id.to_string())
             }
@@ -667,6 +697,29 @@ mod tests {
         assert_eq!(Event::from_parts(t, data).unwrap(), ev);
         assert!(Event::from_parts("no_such_event", serde_json::json!({})).is_err());
         assert!(Event::from_parts("app_created", serde_json::json!({"app_id": 3})).is_err());
+        let volume_id = crate::VolumeId::generate();
+        for ev in [
+            Event::VolumeCreated {
+                volume_id: volume_id.clone(),
+                app_id: AppId::generate(),
+                env: "production".into(),
+                name: "data".into(),
+                process: "app".into(),
+                slot: 2,
+                host_id: HostId::generate(),
+                size: MiB(1024),
+            },
+            Event::VolumeDeleted {
+                volume_id,
+                app_id: AppId::generate(),
+                host_id: HostId::generate(),
+            },
+        ] {
+            let (t, data) = ev.to_parts();
+            assert!(Event::CATALOG.contains(&t));
+            assert_eq!(ev.stream().kind, StreamType::App);
+            assert_eq!(Event::from_parts(t, data).unwrap(), ev);
+        }
     }
 
     #[test]

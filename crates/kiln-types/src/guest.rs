@@ -42,6 +42,31 @@ pub struct RunConfig {
     /// The secrets file kiln-init must write before starting the app; `None`: the app has none.
     #[serde(default)]
     pub secrets: Option<GuestSecrets>,
+    /// Volumes the app needs at their paths before it starts (docs/specs/runtime/volume-mounts.md).
+    #[serde(default)]
+    pub mounts: Vec<GuestMount>,
+    /// The root filesystem is read-only: in a VM kiln-init mounts tmpfs on `/tmp`, `/run` and the
+    /// secrets directory, then remounts `/` read-only before the app starts (runc makes the root
+    /// read-only itself).
+    #[serde(default)]
+    pub read_only_root: bool,
+}
+
+/// One volume as kiln-init sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMount {
+    /// Absolute path inside the instance.
+    pub path: String,
+    /// In a VM: the serial of the virtio-blk drive holding the volume (an ext4 filesystem),
+    /// which kiln-init finds through `/sys/block/vd*/serial` and mounts at `path`. `None`
+    /// (runc): the runtime already bind-mounted it there; kiln-init only checks it is.
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+/// The virtio-blk serial of a VM's `index`-th volume (at most 20 bytes, the virtio limit).
+pub fn volume_serial(index: usize) -> String {
+    format!("kiln-vol-{index}")
 }
 
 /// The app's secrets as kiln-init handles them: it waits for the agent's `Secrets` frame before
@@ -185,6 +210,11 @@ pub mod config_disk {
                 stop_timeout_ms: 5000,
                 network: None,
                 secrets: None,
+                mounts: vec![crate::guest::GuestMount {
+                    path: "/data".into(),
+                    serial: Some(crate::guest::volume_serial(0)),
+                }],
+                read_only_root: true,
             }
         }
 

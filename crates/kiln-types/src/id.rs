@@ -113,6 +113,8 @@ typed_id!(/// An API token (the id, never the secret).
     TokenId, "tok", "token");
 typed_id!(/// A person who signs in (email and password) and is a member of orgs.
     UserId, "usr", "user");
+typed_id!(/// A local volume: one slot of one mount of one process group, on one host (decision 0011).
+    VolumeId, "vol", "volume");
 
 #[cfg(test)]
 mod tests {

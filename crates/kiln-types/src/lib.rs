@@ -18,7 +18,7 @@ pub mod secrets;
 pub mod units;
 pub mod workload;
 
-pub use id::{AppId, HostId, InstanceId, OrgId, ReleaseId, TokenId, UserId};
+pub use id::{AppId, HostId, InstanceId, OrgId, ReleaseId, TokenId, UserId, VolumeId};
 pub use name::{AppName, NameError};
 pub use units::{MiB, MilliCpu};
 pub use workload::{

@@ -20,10 +20,10 @@ use std::net::Ipv6Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AppId, AppName, InstanceId, MiB, MilliCpu, ReleaseId};
+use crate::{AppId, AppName, InstanceId, MiB, MilliCpu, ReleaseId, VolumeId};
 
 /// The WorkloadSpec version this build writes.
-pub const WORKLOAD_SPEC_VERSION: &str = "1.1";
+pub const WORKLOAD_SPEC_VERSION: &str = "1.2";
 const SUPPORTED_MAJOR: u32 = 1;
 
 /// Capabilities a spec can require beyond the 1.0 baseline (run an image with env, command, vm
@@ -43,6 +43,9 @@ pub mod capability {
     pub const BOOT_KERNEL: &str = "boot.kernel";
     /// `vm.cpu_kind` is `performance`: dedicated, not oversubscribed, CPU.
     pub const CPU_PERFORMANCE: &str = "cpu.performance";
+    /// `read_only_root`: the root filesystem must be mounted read-only (an agent that ignored it
+    /// would run the app writable). Since 1.2.
+    pub const ROOT_READ_ONLY: &str = "root.read_only";
 
     /// Every capability this build knows, sorted.
     pub const ALL: &[&str] = &[
@@ -51,6 +54,7 @@ pub mod capability {
         CHECK_HTTP,
         CPU_PERFORMANCE,
         MOUNTS,
+        ROOT_READ_ONLY,
         SECRETS,
         SECRETS_ENV,
     ];
@@ -296,6 +300,11 @@ pub struct MountSpec {
     pub path: String,
     /// Size to create the volume with when it does not exist yet.
     pub initial_size: MiB,
+    /// The volume the control plane chose for this instance's slot (`volume_created`): the agent
+    /// attaches exactly this one, creating it on first use. Since 1.2; a spec with mounts but no
+    /// volume id (a 1.1 writer) is refused by agents that run mounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_id: Option<VolumeId>,
 }
 
 /// The secrets file delivered to the instance (decision 0010). Since 1.1.
@@ -356,6 +365,9 @@ pub struct WorkloadSpec {
     pub metrics: Option<MetricsSpec>,
     #[serde(default)]
     pub stop: StopSpec,
+    /// The root filesystem is read-only (volumes, `/tmp` and `/run` stay writable). Since 1.2.
+    #[serde(default)]
+    pub read_only_root: bool,
 }
 
 /// A spec this agent cannot run; nothing of it was applied.
@@ -412,6 +424,9 @@ impl WorkloadSpec {
         }
         if self.vm.cpu_kind == CpuKind::Performance {
             add(capability::CPU_PERFORMANCE);
+        }
+        if self.read_only_root {
+            add(capability::ROOT_READ_ONLY);
         }
         for check in self.services.iter().flat_map(|s| &s.checks) {
             match check.kind {
@@ -544,6 +559,7 @@ mod tests {
             secrets: SecretsSpec::default(),
             metrics: None,
             stop: StopSpec::default(),
+            read_only_root: false,
         }
     }
 
@@ -582,6 +598,7 @@ mod tests {
             volume: "data".into(),
             path: "/data".into(),
             initial_size: MiB(1024),
+            volume_id: None,
         });
         s.services.push(ServiceSpec {
             protocol: ServiceProtocol::Tcp,

@@ -193,3 +193,27 @@ fn requires_is_a_sorted_set_on_the_wire() {
     let v = serde_json::to_value(&spec).unwrap();
     assert_eq!(v["requires"], serde_json::json!(["check.http", "mounts"]));
 }
+
+#[test]
+fn a_1_2_spec_names_its_volumes_and_a_1_1_agent_refuses_its_read_only_root() {
+    let spec: WorkloadSpec = serde_json::from_str(&golden("1.2")).unwrap();
+    assert!(spec.read_only_root);
+    assert_eq!(
+        spec.mounts[0].volume_id.as_ref().map(|v| v.as_str()),
+        Some("vol_4k2m9qv8x1ytd0hzr5nw")
+    );
+    // What a 1.1 agent knew: every capability but the read-only root. It must refuse the spec
+    // rather than run the app with a writable root.
+    let v1_1: Vec<&str> = capability::ALL
+        .iter()
+        .copied()
+        .filter(|c| *c != capability::ROOT_READ_ONLY)
+        .collect();
+    let Err(SpecError::MissingCapabilities { missing, .. }) = spec.check_runnable(&v1_1) else {
+        panic!("a read-only root must not be ignored");
+    };
+    assert_eq!(missing, [capability::ROOT_READ_ONLY]);
+    // A 1.1 spec reads as a writable root with no volume ids.
+    let old: WorkloadSpec = serde_json::from_str(&golden("1.1")).unwrap();
+    assert!(!old.read_only_root && old.mounts[0].volume_id.is_none());
+}

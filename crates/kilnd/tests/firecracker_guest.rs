@@ -88,6 +88,8 @@ fn the_firecracker_guest_layout_boots_on_a_read_only_root_with_a_writable_layer(
         stop_timeout_ms: 1000,
         network: None,
         secrets: None,
+        mounts: Vec::new(),
+        read_only_root: false,
     };
     std::fs::write(&config, config_disk::encode(&run_config))?;
     let root_before = std::fs::read(&root)?;

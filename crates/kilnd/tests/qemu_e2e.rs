@@ -3,7 +3,9 @@
 //! with kiln-init as PID 1 reading its run configuration from the config disk, a tap device for
 //! its network and the guest channel over virtio-serial. The app is reached through the edge with
 //! its client address from PROXY v2; logs and exec go through the guest channel; a redeploy stops
-//! the VM through kiln-init and leaves no process, tap or file behind.
+//! the VM through kiln-init and leaves no process, tap or file behind. The app has a volume (one
+//! more virtio-blk drive, mounted by kiln-init at its path) and a read-only root: the redeployed
+//! VM reads what the first one wrote to the volume.
 
 use std::path::Path;
 use std::process::Command;
@@ -29,6 +31,12 @@ interval = "2s"
 
 [vm]
 memory_mib = 256
+read_only_root = true
+
+[[mounts]]
+volume = "data"
+path = "/data"
+initial_size = "64mb"
 
 [deploy]
 health_timeout = "180s"
@@ -212,6 +220,22 @@ async fn qemu_microvm_serves_through_the_edge() -> Result<()> {
         "a tty inside the VM: {out:?}"
     );
 
+    // The volume is a virtio-blk disk kiln-init mounted at /data; the root is read-only.
+    let sh = |script: &str| cli.run(&["exec", "-a", "hello-vm", "--", "/bin/sh", "-c", script]);
+    let out = sh("busybox grep ' /data ' /proc/mounts && echo kept-by-v1 > /data/f");
+    let mounts = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success() && mounts.starts_with("/dev/vd") && mounts.contains(" ext4 "),
+        "the volume is mounted in the guest: {mounts} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sh("echo x > /probe");
+    ensure!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "the guest's root is read-only: {out:?}"
+    );
+
     // The app's output reaches `kiln logs` over the guest channel.
     let mut logged = String::new();
     for _ in 0..100 {
@@ -249,6 +273,19 @@ async fn qemu_microvm_serves_through_the_edge() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     ensure!(gone, "v1's VM was torn down\n{}", dev.log());
+    let kept = cli.ok(&[
+        "exec",
+        "-a",
+        "hello-vm",
+        "--",
+        "/bin/busybox",
+        "cat",
+        "/data/f",
+    ])?;
+    ensure!(
+        kept == "kept-by-v1\n",
+        "v2's VM reads v1's volume: {kept:?}"
+    );
     leaves_nothing_behind(&data, &v1_id)?;
     ensure!(
         dev.log().contains("instance stopped")

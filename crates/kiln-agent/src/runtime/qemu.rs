@@ -130,7 +130,16 @@ impl Qemu {
         let merged = parent.join("vm-merged");
         let _ = netlink::run("umount", &[&merged.display().to_string()], None).await;
         let _ = tokio::fs::remove_dir_all(&staging).await;
-        for d in ["proc", "sys", "dev", "tmp", ".kiln/run"] {
+        // Mount points kiln-init needs even when the root ends up read-only.
+        for d in [
+            "proc",
+            "sys",
+            "dev",
+            "tmp",
+            "run",
+            ".kiln/run",
+            ".kiln/secrets",
+        ] {
             let p = staging.join(d);
             tokio::fs::create_dir_all(&p)
                 .await
@@ -199,6 +208,7 @@ impl Qemu {
         spec: &WorkloadSpec,
         run: &RunConfig,
         tap: &str,
+        volumes: &[PathBuf],
     ) -> Result<(), AgentError> {
         let ferr = |p: PathBuf| {
             let instance = spec.instance_id.clone();
@@ -231,13 +241,21 @@ impl Qemu {
         )
         .await?;
         netlink::create_tap(tap, spec.network.ipv6).await?;
-        let argv = self.argv(paths, spec, tap);
+        let argv = self.argv(paths, spec, tap, volumes);
         let args: Vec<&str> = argv.iter().map(String::as_str).collect();
         netlink::run(&self.config.binary.display().to_string(), &args, None).await
     }
 
     /// QEMU's command line for an instance (pure, so it can be checked without booting).
-    pub fn argv(&self, paths: &VmPaths, spec: &WorkloadSpec, tap: &str) -> Vec<String> {
+    /// `volumes`: the files of `spec.mounts`, in order, each one more virtio-blk drive with the
+    /// serial kiln-init looks for (`kiln_types::guest::volume_serial`).
+    pub fn argv(
+        &self,
+        paths: &VmPaths,
+        spec: &WorkloadSpec,
+        tap: &str,
+        volumes: &[PathBuf],
+    ) -> Vec<String> {
         let mut cmdline = vec![
             "console=ttyS0",
             "reboot=k",
@@ -263,7 +281,7 @@ impl Qemu {
         let cpus = spec.vm.cpu.0.div_ceil(1000).max(1);
         let mac = mac_of(spec.instance_id.suffix());
         let p = |p: PathBuf| p.display().to_string();
-        [
+        let mut argv: Vec<String> = [
             "-name",
             &format!("kiln-{}", spec.instance_id),
             "-accel",
@@ -317,7 +335,22 @@ impl Qemu {
         ]
         .into_iter()
         .map(String::from)
-        .collect()
+        .collect();
+        for (i, file) in volumes.iter().enumerate() {
+            argv.extend([
+                "-drive".to_owned(),
+                format!(
+                    "id=vol{i},file={},format=raw,if=none,discard=unmap",
+                    file.display()
+                ),
+                "-device".to_owned(),
+                format!(
+                    "virtio-blk-device,drive=vol{i},serial={}",
+                    kiln_types::guest::volume_serial(i)
+                ),
+            ]);
+        }
+        argv
     }
 
     /// The pid of the instance's QEMU while it runs (checked against its command line, so a
@@ -421,5 +454,43 @@ mod tests {
         assert_ne!(a, mac_of("abcdefghik"));
         assert!(a.starts_with("02:"));
         assert_eq!(a.len(), 17);
+    }
+
+    #[test]
+    fn each_volume_is_a_drive_with_the_serial_kiln_init_looks_for() {
+        let spec: WorkloadSpec = serde_json::from_value(serde_json::json!({
+            "spec_version": "1.2",
+            "instance_id": kiln_types::InstanceId::generate(),
+            "app_id": kiln_types::AppId::generate(),
+            "app_name": "demo",
+            "release_id": kiln_types::ReleaseId::generate(),
+            "release_version": 1,
+            "process": "app",
+            "image": {"registry": "r", "repository": "x", "digest": format!("sha256:{}", "a".repeat(64))},
+            "vm": {"cpu": 1000, "memory": 256},
+            "network": {"ipv6": "fdb5:696c:6e00:1::100", "gateway": "fdb5:696c:6e00:1::1"}
+        }))
+        .unwrap();
+        let q = Qemu::new(QemuConfig {
+            binary: "qemu-system-x86_64".into(),
+            kernel: "/vmlinux".into(),
+            accel: Accel::Kvm,
+        });
+        let paths = VmPaths { dir: "/i".into() };
+        let files = [PathBuf::from("/v/a.ext4"), PathBuf::from("/v/b.ext4")];
+        let argv = q.argv(&paths, &spec, "tap0", &files).join(" ");
+        assert!(
+            argv.contains("-drive id=vol1,file=/v/b.ext4,format=raw,if=none"),
+            "{argv}"
+        );
+        assert!(
+            argv.contains("virtio-blk-device,drive=vol0,serial=kiln-vol-0"),
+            "{argv}"
+        );
+        assert!(kiln_types::guest::volume_serial(99).len() <= 20);
+        assert!(!q
+            .argv(&paths, &spec, "tap0", &[])
+            .join(" ")
+            .contains("vol0"));
     }
 }

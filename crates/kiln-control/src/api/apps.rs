@@ -166,13 +166,29 @@ pub(super) async fn destroy_app(
             format!("destroying {app} cannot be undone: repeat its name as ?confirm={app}"),
         ));
     }
+    // Its volumes go with it (their hosts' agents delete the files once no instance holds them).
+    let mut events: Vec<NewEvent> = c
+        .store
+        .volumes()
+        .await?
+        .into_iter()
+        .filter(|v| v.app_id == row.id && v.deleted_at.is_none())
+        .map(|v| {
+            NewEvent::any(Event::VolumeDeleted {
+                volume_id: v.id,
+                app_id: v.app_id,
+                host_id: v.host_id,
+            })
+        })
+        .collect();
+    events.push(NewEvent::any(Event::AppDestroyed {
+        app_id: row.id.clone(),
+        org_id: row.org_id.clone(),
+        name: row.name.clone(),
+    }));
     c.store
         .append(Append {
-            events: vec![NewEvent::any(Event::AppDestroyed {
-                app_id: row.id.clone(),
-                org_id: row.org_id.clone(),
-                name: row.name.clone(),
-            })],
+            events,
             metadata: metadata(&p, &headers),
             idempotency: None,
         })

@@ -48,7 +48,9 @@ fn owner(e: &Event) -> Owner<'_> {
         | Event::Ipv4Released { app_id, .. }
         | Event::SecretsSet { app_id, .. }
         | Event::SecretsUnset { app_id, .. }
-        | Event::SecretsDelivered { app_id, .. } => Owner::App(app_id),
+        | Event::SecretsDelivered { app_id, .. }
+        | Event::VolumeCreated { app_id, .. }
+        | Event::VolumeDeleted { app_id, .. } => Owner::App(app_id),
         Event::InstancePlaced { spec, .. } => Owner::App(&spec.app_id),
         // Users may belong to several orgs: platform-level, like hosts.
         Event::HostRegistered { .. }

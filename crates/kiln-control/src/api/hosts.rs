@@ -118,6 +118,13 @@ pub(super) async fn assignments(
     require_infra(&c, &p, Scope::Host).await?;
     let host = known_host(&c, &host).await?;
     let seq = wait_past(&c, &q).await;
+    let deleted_volumes = c
+        .store
+        .deleted_volumes_on_host(&host)
+        .await?
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
     let rows: Vec<InstanceRow> = c
         .store
         .instances_on_host(host)
@@ -138,7 +145,11 @@ pub(super) async fn assignments(
             spec: i.spec,
         })
         .collect();
-    Ok(Json(Assignments { seq, assignments }))
+    Ok(Json(Assignments {
+        seq,
+        assignments,
+        deleted_volumes,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{host}/instances/{instance}/report", tag = "hosts",

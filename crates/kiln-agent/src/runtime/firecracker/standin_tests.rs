@@ -49,6 +49,8 @@ fn run_config() -> RunConfig {
         stop_timeout_ms: 3000,
         network: None,
         secrets: None,
+        mounts: Vec::new(),
+        read_only_root: false,
     }
 }
 
