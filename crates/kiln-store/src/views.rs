@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use kiln_types::dns::Hostname;
 use kiln_types::event::{Event, ReleaseState, Role};
 use kiln_types::secrets::SecretName;
 use kiln_types::{
@@ -131,6 +132,22 @@ CREATE TABLE secret_entries (
     PRIMARY KEY (app_id, env, name, from_version)
 );
 ALTER TABLE releases ADD COLUMN secrets_version BIGINT NOT NULL DEFAULT 0;
+"#,
+        replay: true,
+    },
+    // Custom domains: each app environment's claims on hostnames, verified or not. A hostname
+    // may be claimed by several apps while unverified (whoever controls its DNS decides which
+    // one verifies), but verified by one only: the partial unique index makes the second of two
+    // racing verifications fail its append.
+    ViewMigration {
+        sql: r#"
+CREATE TABLE domains (
+    app_id TEXT NOT NULL, hostname TEXT NOT NULL, env TEXT NOT NULL, token TEXT NOT NULL,
+    created_at BIGINT NOT NULL, verified_at BIGINT,
+    PRIMARY KEY (app_id, hostname)
+);
+CREATE UNIQUE INDEX domains_verified ON domains (hostname) WHERE verified_at IS NOT NULL;
+CREATE INDEX domains_hostname ON domains (hostname);
 "#,
         replay: true,
     },
@@ -313,6 +330,18 @@ pub(crate) const VIEW_TABLES: &[ViewTable] = &[
             ("created_at", Int),
         ],
     },
+    ViewTable {
+        name: "domains",
+        key: "app_id, hostname",
+        cols: &[
+            ("app_id", Text),
+            ("hostname", Text),
+            ("env", Text),
+            ("token", Text),
+            ("created_at", Int),
+            ("verified_at", Int),
+        ],
+    },
 ];
 
 /// `edge_allocations.address` of a port of the shared addresses.
@@ -368,6 +397,12 @@ pub(crate) const INSERT_ALLOCATION: &str =
     "INSERT INTO edge_allocations (address, port, app_id, allocated_at) VALUES ($1, $2, $3, $4)";
 pub(crate) const DELETE_ALLOCATION: &str =
     "DELETE FROM edge_allocations WHERE address = $1 AND port = $2 AND app_id = $3";
+
+pub(crate) const INSERT_DOMAIN: &str =
+    "INSERT INTO domains (app_id, hostname, env, token, created_at) VALUES ($1, $2, $3, $4, $5)";
+pub(crate) const VERIFY_DOMAIN: &str =
+    "UPDATE domains SET verified_at = $3 WHERE app_id = $1 AND hostname = $2";
+pub(crate) const DELETE_DOMAIN: &str = "DELETE FROM domains WHERE app_id = $1 AND hostname = $2";
 
 fn json(v: &impl Serialize) -> Val {
     Val::Text(serde_json::to_string(v).unwrap_or_default())
@@ -695,6 +730,33 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
             w.push(upsert_secret_env(app_id, env, *version, *staged, at));
             w
         }
+        Event::DomainAdded {
+            app_id,
+            env,
+            hostname,
+            token,
+        } => vec![(
+            INSERT_DOMAIN,
+            vec![
+                app_id.as_str().into(),
+                hostname.as_str().into(),
+                env.as_str().into(),
+                token.as_str().into(),
+                at,
+            ],
+        )],
+        Event::DomainVerified {
+            app_id, hostname, ..
+        } => vec![(
+            VERIFY_DOMAIN,
+            vec![app_id.as_str().into(), hostname.as_str().into(), at],
+        )],
+        Event::DomainRemoved {
+            app_id, hostname, ..
+        } => vec![(
+            DELETE_DOMAIN,
+            vec![app_id.as_str().into(), hostname.as_str().into()],
+        )],
         // Audit only: recorded in the log, no view.
         Event::SecretsDelivered { .. } => vec![],
         // The audit trail is read from the log itself.
@@ -1154,5 +1216,54 @@ pub(crate) fn secret_entry_row(r: &dyn Cols) -> Result<SecretEntryRow, DbError> 
         ciphertext: r.text(3)?,
         digest: r.text(4)?,
         created_at: r.int(5)?,
+    })
+}
+
+/// An app environment's claim on a custom hostname.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainRow {
+    pub app_id: AppId,
+    pub hostname: Hostname,
+    pub env: String,
+    /// What the `_kiln-challenge` TXT record must hold after `kiln-verify=`.
+    pub token: String,
+    pub created_at: UnixMillis,
+    /// `None` until DNS proved the claim; only verified domains are routed.
+    pub verified_at: Option<UnixMillis>,
+}
+
+macro_rules! select_domains {
+    ($tail:literal) => {
+        concat!(
+            "SELECT app_id, hostname, env, token, created_at, verified_at FROM domains ",
+            $tail
+        )
+    };
+}
+pub(crate) const DOMAINS_OF_APP: Query = Query {
+    name: "domains_of_app",
+    sql: select_domains!("WHERE app_id = $1 ORDER BY hostname"),
+};
+pub(crate) const DOMAINS_BY_HOSTNAME: Query = Query {
+    name: "domains_by_hostname",
+    sql: select_domains!("WHERE hostname = $1 ORDER BY created_at, app_id"),
+};
+pub(crate) const DOMAINS_VERIFIED: Query = Query {
+    name: "domains_verified",
+    sql: select_domains!("WHERE verified_at IS NOT NULL ORDER BY hostname"),
+};
+pub(crate) const DOMAINS_PENDING: Query = Query {
+    name: "domains_pending",
+    sql: select_domains!("WHERE verified_at IS NULL ORDER BY created_at, app_id, hostname"),
+};
+
+pub(crate) fn domain_row(r: &dyn Cols) -> Result<DomainRow, DbError> {
+    Ok(DomainRow {
+        app_id: parsed(r, 0, parse)?,
+        hostname: parsed(r, 1, parse)?,
+        env: r.text(2)?,
+        token: r.text(3)?,
+        created_at: r.int(4)?,
+        verified_at: r.opt_int(5)?,
     })
 }
