@@ -62,6 +62,7 @@ fn own_ids(c: &Cluster, t: &Tenant) -> impl Fn(&str) -> String {
         "session" => "exs_none".into(),
         "id" => token.clone(),
         "address" => "203.0.113.9".into(),
+        "hostname" => common::A_DOMAIN.into(),
         other => panic!(
             "path parameter {{{other}}}: teach tenant_isolation.rs a real and a missing value"
         ),
@@ -77,6 +78,7 @@ fn missing_ids(p: &str) -> String {
         "session" => "exs_ghost".into(),
         "id" => kiln_types::TokenId::generate().to_string(),
         "address" => "203.0.113.9".into(),
+        "hostname" => common::A_DOMAIN.into(),
         other => panic!("path parameter {{{other}}}: teach tenant_isolation.rs a missing value"),
     }
 }
@@ -112,6 +114,7 @@ fn sample_body(op: &Value, n: usize) -> Option<String> {
         "CreateToken" => json!({"name": format!("walk{n}")}),
         "SetSecrets" => json!({"secrets": {"WALK": "x"}}),
         "UnsetSecrets" => json!({"names": ["WALK"]}),
+        "AddDomain" => json!({"hostname": format!("walk{n}.alpha.example")}),
         other => panic!("request body {other:?}: add a valid sample to tenant_isolation.rs"),
     };
     Some(body.to_string())
@@ -164,8 +167,21 @@ async fn every_operation_keeps_tenants_apart() {
     let mut walked = 0;
     let mut problems = Vec::new();
     let mut n = 0;
-    for (template, item) in doc["paths"].as_object().unwrap() {
-        for (method, op) in item.as_object().unwrap() {
+    // Deletes last, so that the resources they remove are there for every other operation.
+    let mut ops: Vec<(&String, &String, &Value)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(t, item)| {
+            item.as_object()
+                .unwrap()
+                .iter()
+                .map(move |(m, op)| (t, m, op))
+        })
+        .collect();
+    ops.sort_by_key(|(_, m, _)| *m == "delete");
+    {
+        for (template, method, op) in ops {
             let security = &op["security"][0];
             let Some(scopes) = security.get("bearer").and_then(Value::as_array) else {
                 continue; // public (healthz)

@@ -38,6 +38,7 @@ use crate::Control;
 
 mod apps;
 mod conventions;
+mod domains;
 mod edge;
 mod events;
 mod exec;
@@ -47,6 +48,7 @@ mod openapi;
 
 use apps::*;
 use conventions::*;
+use domains::*;
 use edge::*;
 use events::*;
 use exec::*;
@@ -115,6 +117,15 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
         .route("/v1/apps/{app}/rollback", post(rollback))
         .route("/v1/apps/{app}/scale", post(scale))
         .route("/v1/hosts/placement", get(explain_placement))
+        .route("/v1/apps/{app}/domains", get(list_domains).post(add_domain))
+        .route(
+            "/v1/apps/{app}/domains/{hostname}",
+            get(get_domain).delete(remove_domain),
+        )
+        .route(
+            "/v1/apps/{app}/domains/{hostname}/verify",
+            post(verify_domain),
+        )
         .merge(crate::secrets_api::routes())
         // Layers run bottom-up on the way in: the last added is the outermost.
         .layer(DefaultBodyLimit::max(MAX_BODY))
