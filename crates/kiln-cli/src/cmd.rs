@@ -58,6 +58,9 @@ pub enum Command {
     /// An app's dedicated IPv4 addresses and shared ports.
     #[command(subcommand)]
     Ips(crate::ips_cmd::IpsCmd),
+    /// An app's custom domains: add, verify by DNS, list, remove.
+    #[command(subcommand)]
+    Domains(crate::domains_cmd::DomainsCmd),
     /// Manage the control planes this CLI talks to.
     #[command(subcommand)]
     Context(ContextCmd),
@@ -317,6 +320,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Ips(cmd) => crate::ips_cmd::ips(cmd).await,
+        Command::Domains(cmd) => crate::domains_cmd::domains(cmd).await,
         Command::Releases(args) => crate::ops_cmd::releases(args).await,
         Command::Rollback(args) => crate::ops_cmd::rollback(args).await,
         Command::Hosts(cmd) => crate::ops_cmd::hosts(cmd).await,

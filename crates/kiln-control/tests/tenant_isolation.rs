@@ -163,6 +163,8 @@ async fn every_operation_keeps_tenants_apart() {
         c.a.app_id.to_string(),
         c.a.release_id.clone().unwrap().to_string(),
         c.a.instance.clone().unwrap().to_string(),
+        // The challenge token of A's custom domain.
+        "alphatoken".into(),
     ];
     let mut walked = 0;
     let mut problems = Vec::new();
