@@ -178,20 +178,36 @@ fn not_verified(name: &str, expected: &str, answer: &TxtAnswer) -> ApiFailure {
     f
 }
 
-/// First re-check of a pending domain after this long, doubled after each miss up to
-/// [`RECHECK_MAX`]; domains pending longer than [`RECHECK_FOR`] are left to explicit verifies.
-const RECHECK_FIRST: Duration = Duration::from_secs(15);
-const RECHECK_MAX: Duration = Duration::from_secs(3600);
-const RECHECK_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How often the list of pending domains is read.
-const TICK: Duration = Duration::from_secs(5);
+/// When the background re-check looks at pending domains.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckSchedule {
+    /// How often the list of pending domains is read.
+    pub tick: Duration,
+    /// First re-check of a pending domain this long after the checker first sees it, the delay
+    /// doubled after each miss up to `max`.
+    pub first: Duration,
+    pub max: Duration,
+    /// Domains pending longer than this are left to explicit verifies.
+    pub give_up_after: Duration,
+}
+
+impl Default for CheckSchedule {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(5),
+            first: Duration::from_secs(15),
+            max: Duration::from_secs(3600),
+            give_up_after: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
 
 /// Re-checks pending domains in the background until the task is dropped. The schedule is in
 /// memory: a restart checks every pending domain again soon, which is harmless.
-pub async fn run_checks(control: Arc<Control>) {
+pub async fn run_checks(control: Arc<Control>, every: CheckSchedule) {
     // (app, hostname) -> (next check, current delay)
     let mut schedule: HashMap<(String, String), (tokio::time::Instant, Duration)> = HashMap::new();
-    let mut tick = tokio::time::interval(TICK);
+    let mut tick = tokio::time::interval(every.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -214,13 +230,13 @@ pub async fn run_checks(control: Arc<Control>) {
         schedule.retain(|k, _| keys.contains(k));
         for d in pending {
             let age = Duration::from_millis(u64::try_from(wall - d.created_at).unwrap_or(0));
-            if age > RECHECK_FOR {
+            if age > every.give_up_after {
                 continue;
             }
             let key = (d.app_id.to_string(), d.hostname.to_string());
             let (next, delay) = *schedule
                 .entry(key.clone())
-                .or_insert((now + RECHECK_FIRST, RECHECK_FIRST));
+                .or_insert((now + every.first, every.first));
             if next > now {
                 continue;
             }
@@ -234,7 +250,7 @@ pub async fn run_checks(control: Arc<Control>) {
                 }
                 Err(f) => {
                     tracing::debug!(hostname = %d.hostname, code = f.code, "domain re-check: not verified yet");
-                    let delay = (delay * 2).min(RECHECK_MAX);
+                    let delay = (delay * 2).min(every.max);
                     schedule.insert(key, (now + delay, delay));
                 }
             }

@@ -36,7 +36,7 @@ pub use api::{openapi_document, openapi_yaml, RateLimit};
 pub use auth::{generate_token, hash_token, Scope};
 pub use clock::Clock;
 pub use dns::{first_nameserver, system_resolver};
-pub use domains::run_checks as run_domain_checks;
+pub use domains::{run_checks as run_domain_checks, CheckSchedule};
 pub use error::ControlError;
 pub use quotas::Quotas;
 pub use reconciler::Reconciler;

@@ -291,3 +291,144 @@ async fn names_are_checked_and_adds_are_idempotent() {
     .await;
     assert_eq!(code(&r), (403, "insufficient_scope"));
 }
+
+/// The background re-check verifies a pending domain once DNS holds its record, without a
+/// request; a domain whose record is wrong stays pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_recheck_verifies_pending_domains() {
+    let dns_addr = free_port().unwrap();
+    let c = Cluster::start_with(unlimited(), Some(dns_addr)).await;
+    let a = c.a.token(Scope::Deploy);
+    let base = format!("/v1/apps/{}/domains", c.a.app);
+    let added = call(&c, a, "POST", &base, Some(json!({"hostname": HOST}))).await;
+    let value = added.body["challenge"]["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _dns = Dnsmasq::start_at(
+        dns_addr,
+        &[
+            ("_kiln-challenge.shop.example.test", value.as_str()),
+            ("_kiln-challenge.www.alpha.example", "kiln-verify=wrong"),
+        ],
+    )
+    .unwrap();
+    let checks = tokio::spawn(kiln_control::run_domain_checks(
+        c.control.clone(),
+        kiln_control::CheckSchedule {
+            tick: Duration::from_millis(20),
+            first: Duration::from_millis(50),
+            ..Default::default()
+        },
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = |h: &str| {
+        let path = format!("{base}/{h}");
+        let c = &c;
+        async move {
+            call(c, c.a.token(Scope::Read), "GET", &path, None)
+                .await
+                .body["status"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    while status(HOST).await != "verified" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not verified in the background"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(common::A_DOMAIN).await, "pending");
+    // The verification is an event like any other, by the checker.
+    let events = c.store.read_after(0, 10_000).await.unwrap();
+    let by = events
+        .iter()
+        .find(|e| matches!(&e.event, Event::DomainVerified { hostname, .. } if hostname.as_str() == HOST))
+        .unwrap();
+    assert_eq!(by.metadata.actor, "system:domain-check");
+    checks.abort();
+}
+
+/// Another app's manifest `hostnames` route a name only until an app verifies it: then the
+/// verified holder alone gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_domain_wins_over_another_apps_manifest_hostnames() {
+    let dns_addr = free_port().unwrap();
+    let c = Cluster::start_with(unlimited(), Some(dns_addr)).await;
+    // B deploys a release whose service lists A's hostname.
+    let source = format!("{}hostnames = [\"{HOST}\"]\n", common::manifest(&c.b.app));
+    let m = kiln_manifest::parse("kiln.toml", &source).unwrap();
+    c.store
+        .append(kiln_store::Append {
+            events: vec![kiln_store::NewEvent::any(Event::ReleaseCreated {
+                app_id: c.b.app_id.clone(),
+                release_id: kiln_types::ReleaseId::generate(),
+                version: 2,
+                image_input: "127.0.0.1:5000/x:v2".into(),
+                image: kiln_types::ImageRef {
+                    registry: "127.0.0.1:5000".into(),
+                    repository: "x".into(),
+                    digest: format!("sha256:{}", "2".repeat(64)),
+                },
+                manifest: serde_json::to_value(&m).unwrap(),
+                manifest_source: source,
+                secrets_version: 0,
+            })],
+            metadata: Default::default(),
+            idempotency: None,
+        })
+        .await
+        .unwrap();
+    kiln_control::Reconciler::new(c.control.clone())
+        .pass()
+        .await
+        .unwrap();
+    let mut healthy = Vec::new();
+    for app in [&c.a.app_id, &c.b.app_id] {
+        for i in c.store.instances_of_app(app.clone()).await.unwrap() {
+            healthy.push(kiln_store::NewEvent::any(Event::InstanceStateChanged {
+                instance_id: i.id,
+                app_id: app.clone(),
+                state: InstanceState::Healthy,
+                reason: None,
+            }));
+        }
+    }
+    c.store
+        .append(kiln_store::Append {
+            events: healthy,
+            metadata: Default::default(),
+            idempotency: None,
+        })
+        .await
+        .unwrap();
+    let by_host = |routes: &[(String, String, Vec<String>)], h: &str| {
+        routes.iter().find(|r| r.0 == h).cloned()
+    };
+    let routes = routed(&c).await;
+    assert_eq!(by_host(&routes, HOST).unwrap().1, "bravo", "{routes:?}");
+
+    // A proves the name: it routes to A, with A's backends, and no longer to B.
+    let a = c.a.token(Scope::Deploy);
+    let base = format!("/v1/apps/{}/domains", c.a.app);
+    let added = call(&c, a, "POST", &base, Some(json!({"hostname": HOST}))).await;
+    let value = added.body["challenge"]["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _dns = Dnsmasq::start_at(
+        dns_addr,
+        &[("_kiln-challenge.shop.example.test", value.as_str())],
+    )
+    .unwrap();
+    let ok = call(&c, a, "POST", &format!("{base}/{HOST}/verify"), None).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let routes = routed(&c).await;
+    let custom = by_host(&routes, HOST).unwrap();
+    let alpha = by_host(&routes, "alpha.kiln.test").unwrap();
+    assert_eq!((custom.1.as_str(), &custom.2), ("alpha", &alpha.2));
+    assert!(by_host(&routes, "bravo.kiln.test").is_some());
+}

@@ -299,7 +299,10 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
         }
     });
     tasks.spawn(Reconciler::new(control.clone()).run());
-    tasks.spawn(kiln_control::run_domain_checks(control.clone()));
+    tasks.spawn(kiln_control::run_domain_checks(
+        control.clone(),
+        kiln_control::CheckSchedule::default(),
+    ));
 
     let api_url = format!("http://{api}");
     let client = kiln_api::Client::new(&api_url, &host_token)?;
@@ -779,7 +782,10 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
                 }
             });
             tasks.spawn(Reconciler::new(control.clone()).run());
-            tasks.spawn(kiln_control::run_domain_checks(control.clone()));
+            tasks.spawn(kiln_control::run_domain_checks(
+                control.clone(),
+                kiln_control::CheckSchedule::default(),
+            ));
             tracing::info!(api = %api, store = %location, "kilnd control is serving");
             println!("kilnd control: API http://{api} (store {location})");
             if let Some(b) = &bootstrap {
