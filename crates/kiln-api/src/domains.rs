@@ -77,8 +77,8 @@ pub struct DomainPage {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddDomain {
-    /// A DNS name (lowercased, one trailing dot dropped); not an IP address, not a wildcard, not
-    /// under the platform's own app domain.
+    /// A DNS name (lowercased, one trailing dot dropped), or `*.` and a DNS name (a wildcard over
+    /// one label); not an IP address, not under the platform's own app domain.
     #[cfg_attr(feature = "openapi", schema(example = "www.example.com"))]
     pub hostname: String,
 }

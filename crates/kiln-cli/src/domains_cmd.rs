@@ -17,7 +17,7 @@ pub enum DomainsCmd {
     Add {
         #[command(flatten)]
         app: AppArg,
-        /// The hostname, e.g. www.example.com (no wildcards, no IP addresses).
+        /// The hostname, e.g. www.example.com, or a wildcard over one label ('*.example.com').
         hostname: String,
         /// The environment (default production).
         #[arg(long)]

@@ -240,7 +240,9 @@ async fn names_are_checked_and_adds_are_idempotent() {
     let base = format!("/v1/apps/{}/domains", c.a.app);
     for (hostname, expected) in [
         ("10.0.0.1", "invalid_hostname"),
-        ("*.example.com", "invalid_hostname"),
+        ("a.*.example.com", "invalid_hostname"),
+        ("*.com", "invalid_hostname"),
+        ("*.kiln.test", "hostname_reserved"),
         ("localhost", "invalid_hostname"),
         ("a_b.example.com", "invalid_hostname"),
         ("bravo.kiln.test", "hostname_reserved"),
@@ -431,4 +433,67 @@ async fn a_verified_domain_wins_over_another_apps_manifest_hostnames() {
     let alpha = by_host(&routes, "alpha.kiln.test").unwrap();
     assert_eq!((custom.1.as_str(), &custom.2), ("alpha", &alpha.2));
     assert!(by_host(&routes, "bravo.kiln.test").is_some());
+}
+
+/// A wildcard domain is proven at `_kiln-challenge.<base>` and routed as `*.<base>` (the edge
+/// matches one label: tests/edge.rs in kiln-edge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_domain_is_proven_at_its_base_and_routed() {
+    let dns_addr = free_port().unwrap();
+    let c = Cluster::start_with(unlimited(), Some(dns_addr)).await;
+    c.store
+        .append(kiln_store::Append {
+            events: vec![kiln_store::NewEvent::any(Event::InstanceStateChanged {
+                instance_id: c.a.instance.clone().unwrap(),
+                app_id: c.a.app_id.clone(),
+                state: InstanceState::Healthy,
+                reason: None,
+            })],
+            metadata: Default::default(),
+            idempotency: None,
+        })
+        .await
+        .unwrap();
+    let a = c.a.token(Scope::Deploy);
+    let base = format!("/v1/apps/{}/domains", c.a.app);
+    let added = call(
+        &c,
+        a,
+        "POST",
+        &base,
+        Some(json!({"hostname": "*.Wild.Example.Test"})),
+    )
+    .await;
+    assert_eq!(added.status, 201, "{}", added.body);
+    assert_eq!(added.body["hostname"], "*.wild.example.test");
+    assert_eq!(
+        added.body["challenge"]["name"],
+        "_kiln-challenge.wild.example.test"
+    );
+    assert_eq!(added.body["traffic"]["name"], "*.wild.example.test");
+    let value = added.body["challenge"]["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _dns = Dnsmasq::start_at(
+        dns_addr,
+        &[("_kiln-challenge.wild.example.test", value.as_str())],
+    )
+    .unwrap();
+    let ok = call(
+        &c,
+        a,
+        "POST",
+        &format!("{base}/*.wild.example.test/verify"),
+        None,
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let routes = routed(&c).await;
+    let wild = routes
+        .iter()
+        .find(|r| r.0 == "*.wild.example.test")
+        .unwrap();
+    let alpha = routes.iter().find(|r| r.0 == "alpha.kiln.test").unwrap();
+    assert_eq!((&wild.1, &wild.2), (&alpha.1, &alpha.2));
 }

@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 
 /// A custom hostname an app may claim: a lowercase DNS name of at least two labels, letters,
 /// digits and inner hyphens only, at most 253 characters; never an IP literal (the last label is
-/// never all digits). Wildcards are not accepted.
+/// never all digits). Or a wildcard `*.<name>` over such a name: it stands for any one label in
+/// front of the name (`*.example.com` covers `a.example.com`, not `a.b.example.com`).
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[cfg_attr(feature = "openapi", schema(value_type = String, example = "www.example.com"))]
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -41,7 +42,7 @@ pub enum HostnameError {
     Empty,
     #[error("is longer than 253 characters")]
     TooLong,
-    #[error("is a wildcard; wildcards are not supported, add each hostname")]
+    #[error("has a '*' other than a whole first label (`*.example.com`)")]
     Wildcard,
     #[error("is a single label; use a full DNS name like \"www.example.com\"")]
     SingleLabel,
@@ -69,20 +70,31 @@ impl Hostname {
         &self.0
     }
 
+    /// Whether this is a wildcard (`*.example.com`).
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+
+    /// The name without a wildcard label: `example.com` for `*.example.com`.
+    pub fn base(&self) -> &str {
+        self.0.strip_prefix("*.").unwrap_or(&self.0)
+    }
+
     /// Whether this is `domain` itself or a name under it (`a.b.example.com` is under
-    /// `example.com`; `badexample.com` is not).
+    /// `example.com`; `badexample.com` is not). A wildcard is within `domain` when its base is.
     pub fn is_within(&self, domain: &str) -> bool {
         let domain = domain.trim_end_matches('.');
-        self.0 == domain
-            || self
-                .0
+        let base = self.base();
+        base == domain
+            || base
                 .strip_suffix(domain)
                 .is_some_and(|rest| rest.ends_with('.'))
     }
 
-    /// The name whose TXT record proves ownership: `_kiln-challenge.<hostname>`.
+    /// The name whose TXT record proves ownership: `_kiln-challenge.<hostname>`, and for a
+    /// wildcard `_kiln-challenge.<base>` (as ACME does): control of the zone proves both.
     pub fn challenge_name(&self) -> String {
-        format!("{CHALLENGE_LABEL}.{}", self.0)
+        format!("{CHALLENGE_LABEL}.{}", self.base())
     }
 }
 
@@ -100,9 +112,10 @@ impl FromStr for Hostname {
         if s.len() > Self::MAX_LEN {
             return Err(HostnameError::TooLong);
         }
-        if s.starts_with("*.") {
-            return Err(HostnameError::Wildcard);
-        }
+        let (wildcard, s) = match s.strip_prefix("*.") {
+            Some(base) => (true, base),
+            None => (false, s),
+        };
         if !s.contains('.') {
             return Err(HostnameError::SingleLabel);
         }
@@ -110,6 +123,9 @@ impl FromStr for Hostname {
         for label in s.split('.') {
             if label.is_empty() || label.len() > 63 {
                 return Err(HostnameError::LabelLength { len: label.len() });
+            }
+            if label.contains('*') {
+                return Err(HostnameError::Wildcard);
             }
             if let Some(ch) = label
                 .chars()
@@ -127,7 +143,11 @@ impl FromStr for Hostname {
         if last.bytes().all(|b| b.is_ascii_digit()) {
             return Err(HostnameError::IpLiteral);
         }
-        Ok(Self(s.to_owned()))
+        Ok(Self(if wildcard {
+            format!("*.{s}")
+        } else {
+            s.to_owned()
+        }))
     }
 }
 
@@ -558,7 +578,10 @@ mod tests {
         let bad = [
             ("", HostnameError::Empty),
             ("localhost", HostnameError::SingleLabel),
-            ("*.example.com", HostnameError::Wildcard),
+            ("*.com", HostnameError::SingleLabel),
+            ("a.*.example.com", HostnameError::Wildcard),
+            ("**.example.com", HostnameError::Wildcard),
+            ("*", HostnameError::SingleLabel),
             ("Example.com", HostnameError::BadChar { ch: 'E' }),
             ("a..b", HostnameError::LabelLength { len: 0 }),
             ("-a.example", HostnameError::Hyphen { label: "-a".into() }),
@@ -585,6 +608,19 @@ mod tests {
         assert!(h.is_within("example.com") && h.is_within("a.example.com"));
         assert!(!h.is_within("ample.com") && !h.is_within("b.example.com"));
         assert_eq!(h.challenge_name(), "_kiln-challenge.a.example.com");
+        let w: Hostname = "*.example.com".parse().unwrap();
+        assert!(w.is_wildcard() && !h.is_wildcard());
+        assert_eq!((w.as_str(), w.base()), ("*.example.com", "example.com"));
+        assert_eq!(w.challenge_name(), "_kiln-challenge.example.com");
+        assert!(w.is_within("example.com") && !w.is_within("a.example.com"));
+        assert!("*.kiln.test"
+            .parse::<Hostname>()
+            .unwrap()
+            .is_within("kiln.test"));
+        assert_eq!(
+            format!("*.{}.example", "a.".repeat(124)).parse::<Hostname>(),
+            Err(HostnameError::TooLong)
+        );
         // Serde validates too.
         assert!(serde_json::from_str::<Hostname>("\"10.1.2.3\"").is_err());
     }

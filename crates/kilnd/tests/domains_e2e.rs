@@ -4,7 +4,7 @@
 //!
 //! A domain is refused by the edge while pending, `kiln domains verify` exits 9 while DNS holds the
 //! wrong token, then, with the right TXT record, the hostname reaches the app; removed, it is
-//! refused again.
+//! refused again. A wildcard domain serves any one label in front of its base.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -172,6 +172,28 @@ async fn a_verified_domain_reaches_the_app_through_the_edge() -> Result<()> {
     );
     let list = cli.ok(&["domains", "list"])?;
     ensure!(list.contains(HOST) && list.contains("verified"), "{list}");
+
+    // A wildcard: proven at the base name, it takes any one label in front of it.
+    let out = cli.ok(&["domains", "add", "*.wild.example.test", "--json"])?;
+    let wild: serde_json::Value = serde_json::from_str(&out)?;
+    let wild_value = wild["challenge"]["value"]
+        .as_str()
+        .context("wildcard challenge")?;
+    drop(dns);
+    let dns = Dnsmasq::start_at(
+        dns_addr,
+        &[
+            (CHALLENGE, value.as_str()),
+            ("_kiln-challenge.wild.example.test", wild_value),
+        ],
+    )?;
+    cli.ok(&["domains", "verify", "*.wild.example.test"])?;
+    let (_, body, _) = wait_routed(edge, "any.wild.example.test", true).await?;
+    ensure!(
+        body.starts_with("hello from hello-tls sni=any.wild.example.test"),
+        "{body}"
+    );
+    ensure!(curl(edge, "a.b.wild.example.test").0 != 0, "one label only");
 
     // Removed: refused again.
     let out = cli.ok(&["domains", "remove", HOST])?;
