@@ -110,7 +110,9 @@ pub(crate) async fn verify(
     let name = d.hostname.challenge_name();
     let expected = format!("{CHALLENGE_PREFIX}{}", d.token);
     let answer = lookup_txt(resolver, &name).await.map_err(|e| {
-        tracing::warn!(hostname = %d.hostname, error = %crate::error::error_chain(&e), "domain verification: DNS lookup failed");
+        if log_allowed() {
+            tracing::warn!(hostname = %d.hostname, error = %crate::error::error_chain(&e), "domain verification: DNS lookup failed");
+        }
         ApiFailure::new(
             StatusCode::BAD_GATEWAY,
             "dns_lookup_failed",
@@ -147,6 +149,18 @@ pub(crate) async fn verify(
         Err(kiln_store::StoreError::ApplyView { .. }) => Err(taken(d.hostname.as_str())),
         Err(e) => Err(e.into()),
     }
+}
+
+/// At most 10 warnings a second about failed lookups: tenants trigger verifications.
+fn log_allowed() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let now = kiln_types::now_millis().max(0) as u64 / 1000;
+    if WINDOW.swap(now, Ordering::Relaxed) != now {
+        COUNT.store(0, Ordering::Relaxed);
+    }
+    COUNT.fetch_add(1, Ordering::Relaxed) < 10
 }
 
 fn not_verified(name: &str, expected: &str, answer: &TxtAnswer) -> ApiFailure {
