@@ -400,8 +400,9 @@ pub(crate) const DELETE_ALLOCATION: &str =
 
 pub(crate) const INSERT_DOMAIN: &str =
     "INSERT INTO domains (app_id, hostname, env, token, created_at) VALUES ($1, $2, $3, $4, $5)";
-pub(crate) const VERIFY_DOMAIN: &str =
-    "UPDATE domains SET verified_at = $3 WHERE app_id = $1 AND hostname = $2";
+/// The first verification counts: a second `domain_verified` (two replicas re-checking at once)
+/// changes nothing.
+pub(crate) const VERIFY_DOMAIN: &str = "UPDATE domains SET verified_at = $3 WHERE app_id = $1 AND hostname = $2 AND verified_at IS NULL";
 pub(crate) const DELETE_DOMAIN: &str = "DELETE FROM domains WHERE app_id = $1 AND hostname = $2";
 
 fn json(v: &impl Serialize) -> Val {

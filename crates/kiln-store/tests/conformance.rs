@@ -209,6 +209,13 @@ async fn domains_view_keeps_one_verified_claim_per_hostname(env: Env) {
     assert_eq!(v.len(), 1);
     assert_eq!((&v[0].app_id, v[0].token.as_str()), (&a, "ta"));
     assert!(v[0].verified_at.is_some());
+    // A second verification of the same claim keeps the first time.
+    let first = v[0].verified_at;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    s.append(append(vec![NewEvent::any(verified(&a))]))
+        .await
+        .unwrap();
+    assert_eq!(s.verified_domains().await.unwrap()[0].verified_at, first);
     let mine = s.domains_of_app(a.clone()).await.unwrap();
     let names: Vec<&str> = mine.iter().map(|d| d.hostname.as_str()).collect();
     assert_eq!(names, ["api.example.com", host]);
