@@ -7,6 +7,7 @@
 //! `utoipa::ToSchema` for the generated OpenAPI document.
 
 pub mod client;
+pub mod domains;
 pub mod secrets;
 pub mod types;
 

@@ -61,6 +61,9 @@ pub enum Command {
     /// Your org's quotas and usage; the operator sets other orgs' limits.
     #[command(subcommand)]
     Quotas(crate::ops_cmd::QuotasCmd),
+    /// An app's custom domains: add, verify by DNS, list, remove.
+    #[command(subcommand)]
+    Domains(crate::domains_cmd::DomainsCmd),
     /// Manage the control planes this CLI talks to.
     #[command(subcommand)]
     Context(ContextCmd),
@@ -356,6 +359,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Ips(cmd) => crate::ips_cmd::ips(cmd).await,
         Command::Quotas(cmd) => crate::ops_cmd::quotas(cmd).await,
+        Command::Domains(cmd) => crate::domains_cmd::domains(cmd).await,
         Command::Releases(args) => crate::ops_cmd::releases(args).await,
         Command::Rollback(args) => crate::ops_cmd::rollback(args).await,
         Command::Hosts(cmd) => crate::ops_cmd::hosts(cmd).await,

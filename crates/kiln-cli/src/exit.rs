@@ -18,3 +18,5 @@ pub const DEPLOY_FAILED: i32 = 6;
 pub const UNREACHABLE: i32 = 7;
 /// The control plane refused the request as invalid (bad image reference, conflict, ...).
 pub const REJECTED: i32 = 8;
+/// `kiln domains verify`: DNS does not (yet) hold the domain's challenge record.
+pub const NOT_VERIFIED: i32 = 9;

@@ -9,6 +9,7 @@ mod auth_cmd;
 mod cmd;
 mod config_cmd;
 mod context;
+mod domains_cmd;
 pub mod exit;
 mod ips_cmd;
 mod ops_cmd;

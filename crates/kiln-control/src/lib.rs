@@ -12,6 +12,8 @@ mod api;
 mod auth;
 mod clock;
 mod device;
+mod dns;
+mod domains;
 mod error;
 mod exec;
 mod hosts;
@@ -33,6 +35,8 @@ use kiln_types::OrgId;
 pub use api::{openapi_document, openapi_yaml, RateLimit};
 pub use auth::{generate_token, hash_token, Scope};
 pub use clock::Clock;
+pub use dns::{first_nameserver, system_resolver};
+pub use domains::{run_checks as run_domain_checks, CheckSchedule};
 pub use error::ControlError;
 pub use quotas::Quotas;
 pub use reconciler::Reconciler;
@@ -71,6 +75,9 @@ pub struct ControlConfig {
     pub master_key: Option<secrets::MasterKeySource>,
     /// Requests per bearer token.
     pub rate_limit: RateLimit,
+    /// The recursive resolver custom domains are verified through; `None`: verification answers
+    /// `dns_unavailable`.
+    pub dns_resolver: Option<std::net::SocketAddr>,
 }
 
 impl Default for ControlConfig {
@@ -90,6 +97,7 @@ impl Default for ControlConfig {
             public_url: None,
             master_key: None,
             rate_limit: RateLimit::default(),
+            dns_resolver: None,
         }
     }
 }

@@ -64,6 +64,7 @@ fn own_ids(c: &Cluster, t: &Tenant) -> impl Fn(&str) -> String {
         "session" => "exs_none".into(),
         "id" => token.clone(),
         "address" => "203.0.113.9".into(),
+        "hostname" => common::A_DOMAIN.into(),
         other => panic!(
             "path parameter {{{other}}}: teach tenant_isolation.rs a real and a missing value"
         ),
@@ -80,6 +81,7 @@ fn missing_ids(p: &str) -> String {
         "id" => kiln_types::TokenId::generate().to_string(),
         "address" => "203.0.113.9".into(),
         "org" => kiln_types::OrgId::generate().to_string(),
+        "hostname" => common::A_DOMAIN.into(),
         other => panic!("path parameter {{{other}}}: teach tenant_isolation.rs a missing value"),
     }
 }
@@ -116,6 +118,7 @@ fn sample_body(op: &Value, n: usize) -> Option<String> {
         "SetSecrets" => json!({"secrets": {"WALK": "x"}}),
         "UnsetSecrets" => json!({"names": ["WALK"]}),
         "QuotaOverrides" => json!({"apps": 50}),
+        "AddDomain" => json!({"hostname": format!("walk{n}.alpha.example")}),
         other => panic!("request body {other:?}: add a valid sample to tenant_isolation.rs"),
     };
     Some(body.to_string())
@@ -164,12 +167,27 @@ async fn every_operation_keeps_tenants_apart() {
         c.a.app_id.to_string(),
         c.a.release_id.clone().unwrap().to_string(),
         c.a.instance.clone().unwrap().to_string(),
+        // The challenge token of A's custom domain.
+        "alphatoken".into(),
     ];
     let mut walked = 0;
     let mut problems = Vec::new();
     let mut n = 0;
-    for (template, item) in doc["paths"].as_object().unwrap() {
-        for (method, op) in item.as_object().unwrap() {
+    // Deletes last, so that the resources they remove are there for every other operation.
+    let mut ops: Vec<(&String, &String, &Value)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(t, item)| {
+            item.as_object()
+                .unwrap()
+                .iter()
+                .map(move |(m, op)| (t, m, op))
+        })
+        .collect();
+    ops.sort_by_key(|(_, m, _)| *m == "delete");
+    {
+        for (template, method, op) in ops {
             let security = &op["security"][0];
             let Some(scopes) = security.get("bearer").and_then(Value::as_array) else {
                 continue; // public (healthz)

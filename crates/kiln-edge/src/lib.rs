@@ -182,6 +182,22 @@ struct Table {
     backends: HashMap<SocketAddr, Arc<Backend>>,
 }
 
+impl Table {
+    /// The service of an SNI name: the exact name first, else the wildcard route of its parent
+    /// (`*.example.com` takes `a.example.com`, never `a.b.example.com` nor `example.com`). The
+    /// wildcard lookup allocates, but only for names without an exact route.
+    fn lookup(&self, host: &str) -> Option<Arc<Service>> {
+        if let Some(s) = self.hosts.get(host) {
+            return Some(s.clone());
+        }
+        let (_, parent) = host.split_once('.')?;
+        if parent.is_empty() {
+            return None;
+        }
+        self.hosts.get(&format!("*.{parent}")).cloned()
+    }
+}
+
 /// A listener of a port route.
 struct PortListener {
     /// Dropping the sender stops the accept loop (its receiver sees the channel close).
@@ -535,7 +551,7 @@ impl Edge {
                 .as_deref()
                 .or(self.config.default_hostname.as_deref())
             {
-                Some(host) => table.hosts.get(host).cloned(),
+                Some(host) => table.lookup(host),
                 None => None,
             }
         };

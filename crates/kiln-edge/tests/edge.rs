@@ -277,6 +277,32 @@ async fn routes_by_sni_and_forwards_the_hello_untouched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_route_takes_one_label_and_exact_names_win() {
+    let w = backend(b'w').await;
+    let e = backend(b'e').await;
+    let (_edge, addr) = start(
+        config(),
+        table(vec![
+            route("*.shop.test", &[w.addr]),
+            route("exact.shop.test", &[e.addr]),
+        ]),
+    )
+    .await;
+    assert_eq!(open(addr, &hello_for("a.shop.test")).await.unwrap().1, b'w');
+    assert_eq!(
+        open(addr, &hello_for("exact.shop.test")).await.unwrap().1,
+        b'e'
+    );
+    // One label only: neither the parent itself nor a deeper name.
+    for name in ["shop.test", "a.b.shop.test", "shop", "a.shop.test.evil"] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&hello_for(name)).await.unwrap();
+        let got = expect_closed(&mut s).await;
+        assert_eq!(got, kiln_edge::sni::unrecognized_name_alert(), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_or_missing_sni_gets_an_unrecognized_name_alert() {
     let a = backend(b'a').await;
     let (edge, addr) = start(config(), table(vec![route("a.kiln.test", &[a.addr])])).await;

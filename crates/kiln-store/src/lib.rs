@@ -37,8 +37,8 @@ use kiln_types::{AppId, HostId, InstanceId, InstanceState, OrgId, TokenId, UnixM
 pub use checksum::{RebuildReport, ViewChecksum};
 pub use error::{DbError, StoreError};
 pub use views::{
-    Allocation, AllocationRow, AppRow, DataKeyRow, HostRow, InstanceRow, MembershipRow, OrgRow,
-    ReleaseRow, SecretEntryRow, SecretEnvRow, TokenRow, UserRow, VolumeRow,
+    Allocation, AllocationRow, AppRow, DataKeyRow, DomainRow, HostRow, InstanceRow, MembershipRow,
+    OrgRow, ReleaseRow, SecretEntryRow, SecretEnvRow, TokenRow, UserRow, VolumeRow,
 };
 
 use sql::Val;
@@ -474,6 +474,38 @@ impl Store {
     /// Every public port and dedicated address of the edges owned by an app.
     pub async fn allocations(&self) -> Result<Vec<AllocationRow>, StoreError> {
         self.query(views::ALLOCATIONS, vec![], views::allocation_row)
+            .await
+    }
+
+    /// An app's custom domains, verified or not, by hostname.
+    pub async fn domains_of_app(&self, app: AppId) -> Result<Vec<DomainRow>, StoreError> {
+        self.query(
+            views::DOMAINS_OF_APP,
+            vec![app.as_str().into()],
+            views::domain_row,
+        )
+        .await
+    }
+
+    /// Every claim on a hostname, across apps (at most one of them verified), oldest first.
+    pub async fn domains_by_hostname(&self, hostname: &str) -> Result<Vec<DomainRow>, StoreError> {
+        self.query(
+            views::DOMAINS_BY_HOSTNAME,
+            vec![hostname.into()],
+            views::domain_row,
+        )
+        .await
+    }
+
+    /// Every verified domain, across apps (what the edges route).
+    pub async fn verified_domains(&self) -> Result<Vec<DomainRow>, StoreError> {
+        self.query(views::DOMAINS_VERIFIED, vec![], views::domain_row)
+            .await
+    }
+
+    /// Every domain waiting for verification, across apps (the background re-check's list).
+    pub async fn pending_domains(&self) -> Result<Vec<DomainRow>, StoreError> {
+        self.query(views::DOMAINS_PENDING, vec![], views::domain_row)
             .await
     }
 

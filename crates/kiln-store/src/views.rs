@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use kiln_types::dns::Hostname;
 use kiln_types::event::{Event, ReleaseState, Role};
 use kiln_types::secrets::SecretName;
 use kiln_types::{
@@ -158,6 +159,22 @@ CREATE TABLE volumes (
 CREATE INDEX volumes_app ON volumes (app_id);
 "#,
         replay: false,
+    },
+    // v10: custom domains: each app environment's claims on hostnames, verified or not. A hostname
+    // may be claimed by several apps while unverified (whoever controls its DNS decides which
+    // one verifies), but verified by one only: the partial unique index makes the second of two
+    // racing verifications fail its append.
+    ViewMigration {
+        sql: r#"
+CREATE TABLE domains (
+    app_id TEXT NOT NULL, hostname TEXT NOT NULL, env TEXT NOT NULL, token TEXT NOT NULL,
+    created_at BIGINT NOT NULL, verified_at BIGINT,
+    PRIMARY KEY (app_id, hostname)
+);
+CREATE UNIQUE INDEX domains_verified ON domains (hostname) WHERE verified_at IS NOT NULL;
+CREATE INDEX domains_hostname ON domains (hostname);
+"#,
+        replay: true,
     },
 ];
 
@@ -360,6 +377,18 @@ pub(crate) const VIEW_TABLES: &[ViewTable] = &[
             ("deleted_at", Int),
         ],
     },
+    ViewTable {
+        name: "domains",
+        key: "app_id, hostname",
+        cols: &[
+            ("app_id", Text),
+            ("hostname", Text),
+            ("env", Text),
+            ("token", Text),
+            ("created_at", Int),
+            ("verified_at", Int),
+        ],
+    },
 ];
 
 /// `edge_allocations.address` of a port of the shared addresses.
@@ -383,12 +412,13 @@ pub(crate) type Write = (&'static str, Vec<Val>);
 pub(crate) const INSERT_ORG: &str = "INSERT INTO orgs (id, name, created_at) VALUES ($1, $2, $3)";
 /// `app_destroyed`: what the views hold of the app goes; its instances stay (stopped by the
 /// reconciler, their rows are the host's history).
-pub(crate) const DESTROY_APP: [&str; 5] = [
+pub(crate) const DESTROY_APP: [&str; 6] = [
     "DELETE FROM apps WHERE id = $1",
     "DELETE FROM releases WHERE app_id = $1",
     "DELETE FROM edge_allocations WHERE app_id = $1",
     "DELETE FROM secret_envs WHERE app_id = $1",
     "DELETE FROM secret_entries WHERE app_id = $1",
+    "DELETE FROM domains WHERE app_id = $1",
 ];
 pub(crate) const SET_ORG_QUOTAS: &str = "UPDATE orgs SET quotas = $1 WHERE id = $2";
 pub(crate) const INSERT_TOKEN: &str = "INSERT INTO tokens (id, org_id, name, hash, scopes, expires_at, created_at, user_id, app_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
@@ -428,6 +458,13 @@ pub(crate) const INSERT_ALLOCATION: &str =
     "INSERT INTO edge_allocations (address, port, app_id, allocated_at) VALUES ($1, $2, $3, $4)";
 pub(crate) const DELETE_ALLOCATION: &str =
     "DELETE FROM edge_allocations WHERE address = $1 AND port = $2 AND app_id = $3";
+
+pub(crate) const INSERT_DOMAIN: &str =
+    "INSERT INTO domains (app_id, hostname, env, token, created_at) VALUES ($1, $2, $3, $4, $5)";
+/// The first verification counts: a second `domain_verified` (two replicas re-checking at once)
+/// changes nothing.
+pub(crate) const VERIFY_DOMAIN: &str = "UPDATE domains SET verified_at = $3 WHERE app_id = $1 AND hostname = $2 AND verified_at IS NULL";
+pub(crate) const DELETE_DOMAIN: &str = "DELETE FROM domains WHERE app_id = $1 AND hostname = $2";
 
 fn json(v: &impl Serialize) -> Val {
     Val::Text(serde_json::to_string(v).unwrap_or_default())
@@ -757,6 +794,33 @@ pub(crate) fn writes(event: &Event, at: UnixMillis) -> Vec<Write> {
             w.push(upsert_secret_env(app_id, env, *version, *staged, at));
             w
         }
+        Event::DomainAdded {
+            app_id,
+            env,
+            hostname,
+            token,
+        } => vec![(
+            INSERT_DOMAIN,
+            vec![
+                app_id.as_str().into(),
+                hostname.as_str().into(),
+                env.as_str().into(),
+                token.as_str().into(),
+                at,
+            ],
+        )],
+        Event::DomainVerified {
+            app_id, hostname, ..
+        } => vec![(
+            VERIFY_DOMAIN,
+            vec![app_id.as_str().into(), hostname.as_str().into(), at],
+        )],
+        Event::DomainRemoved {
+            app_id, hostname, ..
+        } => vec![(
+            DELETE_DOMAIN,
+            vec![app_id.as_str().into(), hostname.as_str().into()],
+        )],
         // Audit only: recorded in the log, no view.
         Event::SecretsDelivered { .. } => vec![],
         // The audit trail is read from the log itself.
@@ -1315,5 +1379,54 @@ pub(crate) fn secret_entry_row(r: &dyn Cols) -> Result<SecretEntryRow, DbError> 
         ciphertext: r.text(3)?,
         digest: r.text(4)?,
         created_at: r.int(5)?,
+    })
+}
+
+/// An app environment's claim on a custom hostname.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainRow {
+    pub app_id: AppId,
+    pub hostname: Hostname,
+    pub env: String,
+    /// What the `_kiln-challenge` TXT record must hold after `kiln-verify=`.
+    pub token: String,
+    pub created_at: UnixMillis,
+    /// `None` until DNS proved the claim; only verified domains are routed.
+    pub verified_at: Option<UnixMillis>,
+}
+
+macro_rules! select_domains {
+    ($tail:literal) => {
+        concat!(
+            "SELECT app_id, hostname, env, token, created_at, verified_at FROM domains ",
+            $tail
+        )
+    };
+}
+pub(crate) const DOMAINS_OF_APP: Query = Query {
+    name: "domains_of_app",
+    sql: select_domains!("WHERE app_id = $1 ORDER BY hostname"),
+};
+pub(crate) const DOMAINS_BY_HOSTNAME: Query = Query {
+    name: "domains_by_hostname",
+    sql: select_domains!("WHERE hostname = $1 ORDER BY created_at, app_id"),
+};
+pub(crate) const DOMAINS_VERIFIED: Query = Query {
+    name: "domains_verified",
+    sql: select_domains!("WHERE verified_at IS NOT NULL ORDER BY hostname"),
+};
+pub(crate) const DOMAINS_PENDING: Query = Query {
+    name: "domains_pending",
+    sql: select_domains!("WHERE verified_at IS NULL ORDER BY created_at, app_id, hostname"),
+};
+
+pub(crate) fn domain_row(r: &dyn Cols) -> Result<DomainRow, DbError> {
+    Ok(DomainRow {
+        app_id: parsed(r, 0, parse)?,
+        hostname: parsed(r, 1, parse)?,
+        env: r.text(2)?,
+        token: r.text(3)?,
+        created_at: r.int(4)?,
+        verified_at: r.opt_int(5)?,
     })
 }

@@ -134,6 +134,7 @@ conformance!(
     backup_restores_a_store_that_serves_the_same_views,
     identity_views_follow_users_memberships_and_token_lifecycle,
     secrets_views_answer_any_version_and_follow_rewraps,
+    domains_view_keeps_one_verified_claim_per_hostname,
 );
 
 fn sealed(name: &str, blob: &str) -> SealedSecret {
@@ -153,6 +154,86 @@ fn secrets_set(app: &AppId, version: u64, set: &[(&str, &str)], staged: bool) ->
         secrets: set.iter().map(|(n, b)| sealed(n, b)).collect(),
         staged,
     }
+}
+
+fn domain(app: &AppId, hostname: &str, token: Option<&str>) -> Event {
+    Event::DomainAdded {
+        app_id: app.clone(),
+        env: "production".into(),
+        hostname: hostname.parse().unwrap(),
+        token: token.unwrap_or("t").into(),
+    }
+}
+
+/// Claims on a hostname: any number while unverified, one verified (the view's partial unique
+/// index refuses a second verification, whole); removal frees the name, and replay agrees.
+async fn domains_view_keeps_one_verified_claim_per_hostname(env: Env) {
+    let s = env.open().await;
+    let org = OrgId::generate();
+    let (a, a_ev) = app_created(&org, "alpha");
+    let (b, b_ev) = app_created(&org, "bravo");
+    let host = "shop.example.com";
+    let verified = |app: &AppId| Event::DomainVerified {
+        app_id: app.clone(),
+        env: "production".into(),
+        hostname: host.parse().unwrap(),
+    };
+    s.append(append(vec![
+        NewEvent::any(org_created("acme")),
+        NewEvent::any(a_ev),
+        NewEvent::any(b_ev),
+        NewEvent::any(domain(&a, host, Some("ta"))),
+        NewEvent::any(domain(&b, host, Some("tb"))),
+        NewEvent::any(domain(&a, "api.example.com", None)),
+    ]))
+    .await
+    .unwrap();
+    // The same app cannot claim a hostname twice.
+    assert!(matches!(
+        s.append(append(vec![NewEvent::any(domain(&a, host, None))]))
+            .await,
+        Err(StoreError::ApplyView { .. })
+    ));
+    assert_eq!(s.domains_by_hostname(host).await.unwrap().len(), 2);
+    s.append(append(vec![NewEvent::any(verified(&a))]))
+        .await
+        .unwrap();
+    // B's verification of the hostname A holds fails whole.
+    let head = s.head();
+    assert!(matches!(
+        s.append(append(vec![NewEvent::any(verified(&b))])).await,
+        Err(StoreError::ApplyView { .. })
+    ));
+    assert_eq!(s.head(), head);
+    let v = s.verified_domains().await.unwrap();
+    assert_eq!(v.len(), 1);
+    assert_eq!((&v[0].app_id, v[0].token.as_str()), (&a, "ta"));
+    assert!(v[0].verified_at.is_some());
+    // A second verification of the same claim keeps the first time.
+    let first = v[0].verified_at;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    s.append(append(vec![NewEvent::any(verified(&a))]))
+        .await
+        .unwrap();
+    assert_eq!(s.verified_domains().await.unwrap()[0].verified_at, first);
+    let mine = s.domains_of_app(a.clone()).await.unwrap();
+    let names: Vec<&str> = mine.iter().map(|d| d.hostname.as_str()).collect();
+    assert_eq!(names, ["api.example.com", host]);
+    assert_eq!(s.pending_domains().await.unwrap().len(), 2);
+    // Removed, the hostname is free for B.
+    s.append(append(vec![NewEvent::any(Event::DomainRemoved {
+        app_id: a.clone(),
+        env: "production".into(),
+        hostname: host.parse().unwrap(),
+    })]))
+    .await
+    .unwrap();
+    s.append(append(vec![NewEvent::any(verified(&b))]))
+        .await
+        .unwrap();
+    let v = s.verified_domains().await.unwrap();
+    assert_eq!((v.len(), &v[0].app_id), (1, &b));
+    assert!(s.rebuild_views(false).await.unwrap().is_equal());
 }
 
 /// Values are valid over [set version, replacing version): any version, current or pinned by an
@@ -979,6 +1060,12 @@ async fn rebuild_matches_live_views_and_replace_repairs_them(env: Env) {
             wrapped: "w".into(),
         }),
         NewEvent::any(secrets_set(&app, 1, &[("A", "a1")], false)),
+        NewEvent::any(domain(&app, "www.example.com", Some("tok"))),
+        NewEvent::any(Event::DomainVerified {
+            app_id: app.clone(),
+            env: "production".into(),
+            hostname: "www.example.com".parse().unwrap(),
+        }),
     ]))
     .await
     .unwrap();
@@ -1027,7 +1114,7 @@ async fn rebuild_matches_live_views_and_replace_repairs_them(env: Env) {
     let report = s.rebuild_views(false).await.unwrap();
     assert!(report.is_equal(), "{report:?}");
     assert_eq!(report.events, s.head());
-    assert_eq!(report.live.len(), 13);
+    assert_eq!(report.live.len(), 14);
     assert!(report.live.iter().all(|c| c.rows > 0), "{report:?}");
     // Damage a live view behind the store's back: the rebuild sees it, and replace repairs it.
     env.exec("UPDATE apps SET release_count = 42");

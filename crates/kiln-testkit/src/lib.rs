@@ -7,6 +7,7 @@
 //!   after building, and pushed with the plain distribution API;
 //! - [`example`]: the static `examples/hello-tls` binary and an image around it.
 //! - [`postgres`]: a throwaway PostgreSQL cluster (`initdb` + `pg_ctl`) in a temp dir;
+//! - [`dnsmasq`]: a DNS server on loopback answering given TXT records (custom domains);
 //! - [`dev`]: the real binaries (`kilnd dev`, the `kiln` CLI) run as child processes.
 //!
 //! It is a dev-dependency of other crates only (DESIGN: "kiln-testkit is a dev-dependency only");
@@ -15,6 +16,7 @@
 
 pub mod bench;
 pub mod dev;
+pub mod dnsmasq;
 pub mod example;
 pub mod image;
 pub mod postgres;

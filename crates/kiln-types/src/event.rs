@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dns::Hostname;
 use crate::secrets::{SealedSecret, SecretName};
 use crate::{
     AppId, AppName, HostId, ImageRef, InstanceId, InstanceState, OrgId, ReleaseId, TokenId, UserId,
@@ -249,6 +250,28 @@ pub enum Event {
         app_id: AppId,
         address: std::net::Ipv4Addr,
     },
+    /// An app environment claims a custom hostname; it is routed only once verified. `token` is
+    /// what the `_kiln-challenge.<hostname>` TXT record must hold (`kiln-verify=<token>`): not a
+    /// secret (anyone can read DNS), but unguessable, so only who controls the zone can publish it.
+    DomainAdded {
+        app_id: AppId,
+        env: String,
+        hostname: Hostname,
+        token: String,
+    },
+    /// DNS showed the challenge record: the hostname is the app's, platform-wide, and the edges
+    /// route it like the app's default hostname.
+    DomainVerified {
+        app_id: AppId,
+        env: String,
+        hostname: Hostname,
+    },
+    /// The claim is withdrawn (verified or not); the edges stop routing the hostname.
+    DomainRemoved {
+        app_id: AppId,
+        env: String,
+        hostname: Hostname,
+    },
     /// A host changed state: missed heartbeats (`down`), came back (`ready`), or an operator
     /// drained it (`draining`).
     HostStateChanged {
@@ -421,6 +444,9 @@ impl Event {
         "port_released",
         "ipv4_allocated",
         "ipv4_released",
+        "domain_added",
+        "domain_verified",
+        "domain_removed",
         "host_state_changed",
         "token_revoked",
         "token_used",
@@ -518,6 +544,9 @@ impl Event {
             Self::PortReleased { .. } => "port_released",
             Self::Ipv4Allocated { .. } => "ipv4_allocated",
             Self::Ipv4Released { .. } => "ipv4_released",
+            Self::DomainAdded { .. } => "domain_added",
+            Self::DomainVerified { .. } => "domain_verified",
+            Self::DomainRemoved { .. } => "domain_removed",
             Self::HostStateChanged { .. } => "host_state_changed",
             Self::TokenRevoked { .. } => "token_revoked",
             Self::TokenUsed { .. } => "token_used",
@@ -558,6 +587,9 @@ impl Event {
             | Self::PortReleased { app_id, .. }
             | Self::Ipv4Allocated { app_id, .. }
             | Self::Ipv4Released { app_id, .. }
+            | Self::DomainAdded { app_id, .. }
+            | Self::DomainVerified { app_id, .. }
+            | Self::DomainRemoved { app_id, .. }
             | Self::SecretsSet { app_id, .. }
             | Self::SecretsUnset { app_id, .. }
             | Self::VolumeCreated { app_id, .. }

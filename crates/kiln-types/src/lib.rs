@@ -8,6 +8,7 @@
 //! It deliberately does no I/O and depends on no other Kiln crate, so that the guest init, the
 //! scheduler and the wire types can all use it without pulling in a runtime.
 
+pub mod dns;
 pub mod event;
 pub mod frame;
 pub mod guest;

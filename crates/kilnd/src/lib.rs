@@ -55,6 +55,10 @@ pub struct DevArgs {
     /// 127.0.1.0/28 (loopback addresses work on one machine); without it the add-on is off.
     #[arg(long, value_parser = parse_ipv4_pool)]
     pub ipv4_pool: Option<kiln_types::net::Ipv4Pool>,
+    /// The DNS resolver custom domains are verified through (`IP` or `IP:PORT`; default: the
+    /// first nameserver of /etc/resolv.conf).
+    #[arg(long, value_parser = parse_dns_resolver)]
+    pub dns_resolver: Option<SocketAddr>,
     #[command(flatten)]
     pub host: HostArgs,
     /// File of master keys for secrets encryption (default: `DATA_DIR/master.key`, created on
@@ -472,6 +476,7 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
             plain_http_registries: args.plain_http_registries.clone(),
             ipv4_pool: args.ipv4_pool,
             master_key,
+            dns_resolver: dns_resolver(args.dns_resolver),
             ..Default::default()
         },
     )?;
@@ -491,6 +496,10 @@ pub async fn start_dev(args: DevArgs) -> anyhow::Result<Dev> {
         }
     });
     tasks.spawn(Reconciler::new(control.clone()).run());
+    tasks.spawn(kiln_control::run_domain_checks(
+        control.clone(),
+        kiln_control::CheckSchedule::default(),
+    ));
 
     let api_url = format!("http://{api}");
     let client = kiln_api::Client::new(&api_url, &host_token)?;
@@ -867,6 +876,10 @@ pub struct ServeArgs {
     /// block like 203.0.113.0/28; without it the IPv4 add-on is off.
     #[arg(long, value_parser = parse_ipv4_pool)]
     pub ipv4_pool: Option<kiln_types::net::Ipv4Pool>,
+    /// The DNS resolver custom domains are verified through (`IP` or `IP:PORT`; default: the
+    /// first nameserver of /etc/resolv.conf).
+    #[arg(long, value_parser = parse_dns_resolver)]
+    pub dns_resolver: Option<SocketAddr>,
     /// The URL users reach the API at, for the device login's verification link (default:
     /// `http://` + the request's Host header).
     #[arg(long)]
@@ -923,6 +936,7 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
                     ipv4_pool: args.ipv4_pool,
                     public_url: args.public_url.clone(),
                     master_key,
+                    dns_resolver: dns_resolver(args.dns_resolver),
                     ..Default::default()
                 },
             )?;
@@ -939,6 +953,10 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
                 }
             });
             tasks.spawn(Reconciler::new(control.clone()).run());
+            tasks.spawn(kiln_control::run_domain_checks(
+                control.clone(),
+                kiln_control::CheckSchedule::default(),
+            ));
             tracing::info!(api = %api, store = %location, "kilnd control is serving");
             println!("kilnd control: API http://{api} (store {location})");
             if let Some(b) = &bootstrap {
@@ -1055,6 +1073,27 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
 fn parse_region(s: &str) -> Result<String, String> {
     kiln_types::name::check_dns_label(s, 63).map_err(|e| e.to_string())?;
     Ok(s.to_owned())
+}
+
+/// `IP` (port 53) or `IP:PORT` / `[IPv6]:PORT`.
+fn parse_dns_resolver(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{s:?} is not an IP address or IP:PORT"))
+}
+
+/// The resolver custom domains are verified through: the flag's, else the system's.
+fn dns_resolver(flag: Option<SocketAddr>) -> Option<SocketAddr> {
+    let resolver = flag.or_else(kiln_control::system_resolver);
+    if resolver.is_none() {
+        tracing::warn!(
+            "no DNS resolver (--dns-resolver, /etc/resolv.conf): custom domains cannot be verified"
+        );
+    }
+    resolver
 }
 
 fn parse_ipv4_pool(s: &str) -> Result<kiln_types::net::Ipv4Pool, String> {

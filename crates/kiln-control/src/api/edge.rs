@@ -122,6 +122,30 @@ pub(super) async fn routes(
             }
         }
     }
+    // Verified custom domains route like their app's default hostname (same backends, limits
+    // and PROXY setting). A verified domain is its app's alone: another app's manifest
+    // `hostnames` naming it is dropped, and with no healthy backend the name is not routed at all.
+    for d in c.store.verified_domains().await? {
+        let Some(app) = apps.get(&d.app_id) else {
+            continue;
+        };
+        if table
+            .get(d.hostname.as_str())
+            .is_some_and(|r| r.app == app.name)
+        {
+            continue; // the app's own service lists it in `hostnames`: that service keeps it
+        }
+        let default_host = format!("{}.{}", app.name, c.config.app_domain);
+        match table.get(&default_host).cloned() {
+            Some(mut route) => {
+                route.hostname = d.hostname.to_string();
+                table.insert(route.hostname.clone(), route);
+            }
+            None => {
+                table.remove(d.hostname.as_str());
+            }
+        }
+    }
     Ok(Json(RouteTable {
         seq,
         routes: table.into_values().collect(),

@@ -46,6 +46,9 @@ fn owner(e: &Event) -> Owner<'_> {
         | Event::PortReleased { app_id, .. }
         | Event::Ipv4Allocated { app_id, .. }
         | Event::Ipv4Released { app_id, .. }
+        | Event::DomainAdded { app_id, .. }
+        | Event::DomainVerified { app_id, .. }
+        | Event::DomainRemoved { app_id, .. }
         | Event::SecretsSet { app_id, .. }
         | Event::SecretsUnset { app_id, .. }
         | Event::SecretsDelivered { app_id, .. }

@@ -38,6 +38,7 @@ use crate::Control;
 
 mod apps;
 mod conventions;
+mod domains;
 mod edge;
 mod events;
 mod exec;
@@ -47,6 +48,7 @@ mod openapi;
 
 use apps::*;
 use conventions::*;
+use domains::*;
 use edge::*;
 use events::*;
 use exec::*;
@@ -119,6 +121,15 @@ pub(crate) fn router(control: Arc<Control>) -> Router {
         .route(
             "/v1/orgs/{org}/quotas",
             get(crate::quotas::org_quotas).put(crate::quotas::set_org_quotas),
+        )
+        .route("/v1/apps/{app}/domains", get(list_domains).post(add_domain))
+        .route(
+            "/v1/apps/{app}/domains/{hostname}",
+            get(get_domain).delete(remove_domain),
+        )
+        .route(
+            "/v1/apps/{app}/domains/{hostname}/verify",
+            post(verify_domain),
         )
         .merge(crate::secrets_api::routes())
         // Layers run bottom-up on the way in: the last added is the outermost.

@@ -67,6 +67,11 @@ use super::*;
         crate::secrets_api::unset,
         crate::secrets_api::render,
         crate::secrets_api::instance_file,
+        list_domains,
+        add_domain,
+        get_domain,
+        verify_domain,
+        remove_domain,
     ),
     components(schemas(Problem))
 )]

@@ -146,8 +146,42 @@ async fn tenant(control: &Control, store: &Store, org: OrgId, name: &str, app: &
     }
 }
 
+/// A DNS server on 127.0.0.1 that answers every query NXDOMAIN: the resolver of clusters whose
+/// test does not bring its own, so that verifying a domain never sends a query off the machine.
+async fn nxdomain_resolver() -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            if n < 12 {
+                continue;
+            }
+            let mut answer = buf[..n].to_vec();
+            answer[2] = 0x81 | (answer[2] & 0x01); // QR, RD copied
+            answer[3] = 0x83; // RA, NXDOMAIN
+            answer[6..12].fill(0);
+            let _ = socket.send_to(&answer, peer).await;
+        }
+    });
+    addr
+}
+
+/// The custom domain org A has added (pending) in every cluster.
+pub const A_DOMAIN: &str = "www.alpha.example";
+
 impl Cluster {
     pub async fn start(rate_limit: RateLimit) -> Cluster {
+        Self::start_with(rate_limit, None).await
+    }
+
+    /// A cluster whose control plane verifies domains through `dns` (default: a loopback
+    /// resolver answering NXDOMAIN to everything).
+    pub async fn start_with(rate_limit: RateLimit, dns: Option<SocketAddr>) -> Cluster {
+        let dns = match dns {
+            Some(d) => d,
+            None => nxdomain_resolver().await,
+        };
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("kiln.db"))
             .await
@@ -157,6 +191,7 @@ impl Cluster {
             ControlConfig {
                 rate_limit,
                 master_key: Some(master_key(dir.path())),
+                dns_resolver: Some(dns),
                 ..Default::default()
             },
         )
@@ -180,13 +215,22 @@ impl Cluster {
         .await;
         let mut a = tenant(&control, &store, OrgId::generate(), "orga", "alpha").await;
         let mut b = tenant(&control, &store, OrgId::generate(), "orgb", "bravo").await;
-        // Org A holds a dedicated IPv4 (the walk releases it as A, and must not see it as B).
+        // Org A holds a dedicated IPv4 and a custom domain (the walk releases them as A, and must not
+        // see them as B).
         append(
             &store,
-            vec![Event::Ipv4Allocated {
-                app_id: a.app_id.clone(),
-                address: "203.0.113.9".parse().unwrap(),
-            }],
+            vec![
+                Event::Ipv4Allocated {
+                    app_id: a.app_id.clone(),
+                    address: "203.0.113.9".parse().unwrap(),
+                },
+                Event::DomainAdded {
+                    app_id: a.app_id.clone(),
+                    env: "production".into(),
+                    hostname: A_DOMAIN.parse().unwrap(),
+                    token: "alphatoken".into(),
+                },
+            ],
         )
         .await;
         Reconciler::new(control.clone()).pass().await.unwrap();
