@@ -86,6 +86,22 @@ impl Fixture {
         app_id
     }
 
+    /// A second org, "tenant", and a client with its admin token.
+    async fn tenant(&self) -> (kiln_types::OrgId, Client) {
+        let org = kiln_types::OrgId::generate();
+        self.append(vec![Event::OrgCreated {
+            org_id: org.clone(),
+            name: "tenant".into(),
+        }])
+        .await;
+        let token = self
+            .control
+            .create_token(&org, "t", &[Scope::Admin])
+            .await
+            .unwrap();
+        (org, Client::new(&self.url, &token).unwrap())
+    }
+
     async fn live(&self) -> Vec<InstanceRow> {
         self.store
             .all_instances()
@@ -245,18 +261,7 @@ async fn hosts_are_the_operators_only() {
     let fx = fixture(Duration::from_secs(60)).await;
     let agent = fx.client(&[Scope::Host]).await;
     register(&agent, "a").await;
-    let other_org = kiln_types::OrgId::generate();
-    fx.append(vec![Event::OrgCreated {
-        org_id: other_org.clone(),
-        name: "tenant".into(),
-    }])
-    .await;
-    let token = fx
-        .control
-        .create_token(&other_org, "t", &[Scope::Admin])
-        .await
-        .unwrap();
-    let tenant = Client::new(&fx.url, &token).unwrap();
+    let (_, tenant) = fx.tenant().await;
     let err = tenant.list_hosts(None).await.unwrap_err();
     assert_eq!(err.code(), Some("insufficient_scope"), "{err}");
     let err = tenant.drain_host("a", true).await.unwrap_err();
@@ -555,18 +560,7 @@ async fn a_destroyed_app_stops_its_instances_and_frees_its_name() {
     let deployer = fx.client(&[Scope::Deploy]).await;
     let err = deployer.destroy_app("web", "web").await.unwrap_err();
     assert_eq!(err.code(), Some("insufficient_scope"), "{err}");
-    let other_org = kiln_types::OrgId::generate();
-    fx.append(vec![Event::OrgCreated {
-        org_id: other_org.clone(),
-        name: "tenant".into(),
-    }])
-    .await;
-    let token = fx
-        .control
-        .create_token(&other_org, "t", &[Scope::Admin])
-        .await
-        .unwrap();
-    let tenant = Client::new(&fx.url, &token).unwrap();
+    let (_, tenant) = fx.tenant().await;
     let err = tenant.destroy_app("web", "web").await.unwrap_err();
     assert_eq!(err.code(), Some("not_found"), "{err}");
     assert_eq!(fx.live().await.len(), 1);
@@ -699,18 +693,7 @@ async fn quotas_refuse_what_an_org_may_not_hold_and_say_which() {
 
     // A tenant org with a lower apps limit: refused at its own limit, which it can read but not
     // change; a reset gives it the defaults again.
-    let tenant_org = kiln_types::OrgId::generate();
-    fx.append(vec![Event::OrgCreated {
-        org_id: tenant_org.clone(),
-        name: "tenant".into(),
-    }])
-    .await;
-    let token = fx
-        .control
-        .create_token(&tenant_org, "t", &[Scope::Admin])
-        .await
-        .unwrap();
-    let tenant = Client::new(&fx.url, &token).unwrap();
+    let (tenant_org, tenant) = fx.tenant().await;
     api.set_org_quotas(
         tenant_org.as_str(),
         &kiln_types::event::QuotaOverrides {
@@ -806,18 +789,7 @@ async fn placement_is_explained_per_host_to_the_operator_only() {
     assert_eq!(err.code(), Some("nothing_to_place"), "{err}");
 
     // Hosts are the operator's: a tenant's admin token gets nothing.
-    let other_org = kiln_types::OrgId::generate();
-    fx.append(vec![Event::OrgCreated {
-        org_id: other_org.clone(),
-        name: "tenant".into(),
-    }])
-    .await;
-    let token = fx
-        .control
-        .create_token(&other_org, "t", &[Scope::Admin])
-        .await
-        .unwrap();
-    let tenant = Client::new(&fx.url, &token).unwrap();
+    let (_, tenant) = fx.tenant().await;
     let err = tenant
         .explain_placement("web", None, None)
         .await
