@@ -67,6 +67,16 @@ impl Planner {
         self.now
     }
 
+    /// The last sequence the batch has assigned so far (the head once it commits).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Every stream the planner knows, with its version as of the appends accepted so far.
+    pub(crate) fn versions(&self) -> impl Iterator<Item = (&StreamRef, u64)> {
+        self.versions.iter().map(|(s, v)| (s, *v))
+    }
+
     /// The streams and keys of `appends` whose state the planner has not loaded yet.
     pub(crate) fn missing<'a>(
         &self,
