@@ -92,6 +92,15 @@ CREATE TABLE idempotency (
     "CREATE INDEX idempotency_created ON idempotency (created_at);",
 ];
 
+/// Storage settings of view tables, applied when the store opens (they change how rows are laid
+/// out on disk, never what the views hold, so they are not part of the view schema). `instances`
+/// rows are wide (a WorkloadSpec each, about 1 KiB) and their state changes often: with full
+/// pages every update must move the row to another page and add an entry to each of its
+/// indexes; with half-full pages the new version fits beside the old one (a HOT update, no index
+/// entries), and the old one is reclaimed on a later visit to the page. The setting applies to
+/// pages written from then on.
+const VIEW_STORAGE: &[(&str, &str)] = &[("instances", "fillfactor=50")];
+
 const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock($1)";
 const XID_SQL: &str = "SELECT pg_current_xact_id()::text";
 const XACT_STATUS_SQL: &str = "SELECT pg_xact_status(($1::text)::xid8)";
@@ -742,6 +751,13 @@ async fn migrate(c: &Conn, view_target: u32) -> Result<(), StoreError> {
             });
         }
         let view_final = view_target.max(view_v);
+        tune_storage(c)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                track: "views",
+                version: view_v,
+                source,
+            })?;
         if log_v == log_known && view_v == view_final {
             return Ok(());
         }
@@ -804,11 +820,41 @@ async fn migrate(c: &Conn, view_target: u32) -> Result<(), StoreError> {
     if result.is_err() {
         let _ = c.client.batch_execute("ROLLBACK").await;
     }
+    // After the migrations (the tables exist), still under the migration lock.
+    let result = match result {
+        Ok(()) => tune_storage(c).await.map_err(|source| StoreError::Migrate {
+            track: "views",
+            version: VIEW_VERSION,
+            source,
+        }),
+        Err(e) => Err(e),
+    };
     let _ = c
         .client
         .batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATE_LOCK})"))
         .await;
     result
+}
+
+/// Applies [`VIEW_STORAGE`] to the tables that exist and lack it.
+async fn tune_storage(c: &Conn) -> Result<(), DbError> {
+    for (table, setting) in VIEW_STORAGE {
+        let rows = c
+            .client
+            .query(
+                "SELECT COALESCE(array_to_string(reloptions, ','), '') FROM pg_class WHERE oid = to_regclass($1)",
+                &[table],
+            )
+            .await?;
+        let Some(row) = rows.first() else { continue };
+        let current: String = row.try_get(0)?;
+        if !current.split(',').any(|o| o == *setting) {
+            c.client
+                .batch_execute(&format!("ALTER TABLE {table} SET ({setting})"))
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Follows `kiln_events` notifications into the head; stops when the store is dropped.

@@ -1549,6 +1549,29 @@ async fn postgres_appends_by_another_process_wake_subscribers() {
         .unwrap();
 }
 
+/// `instances` pages are kept half full (so a state change fits beside the row: a HOT update);
+/// the setting is applied at open to a store that lacks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_instances_table_keeps_room_for_updates() {
+    let env = pg_env().await;
+    let options = || {
+        env.pg
+            .as_ref()
+            .unwrap()
+            .psql(
+                "kiln",
+                "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE relname = 'instances'",
+            )
+            .unwrap()
+    };
+    drop(env.open().await);
+    assert_eq!(options(), "fillfactor=50");
+    env.exec("ALTER TABLE instances RESET (fillfactor)");
+    assert_eq!(options(), "");
+    drop(env.open().await);
+    assert_eq!(options(), "fillfactor=50");
+}
+
 /// Two processes appending to one stream in turn: each sees the other's versions (a committer
 /// remembers the versions it wrote only while no one else has appended since).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
