@@ -927,6 +927,12 @@ async fn batched_view_changes_equal_one_by_one(env: Env) {
     assert_eq!(rel.state, ReleaseState::Healthy);
     let report = s.rebuild_views(false).await.unwrap();
     assert!(report.is_equal(), "{report:?}");
+    // No set-based statement failed (which would have sent the batch to the careful path,
+    // hiding a wrong statement behind a right answer).
+    if let Some(pg) = &env.pg {
+        let log = pg.log();
+        assert!(!log.contains("ERROR"), "{log}");
+    }
 }
 
 async fn reopen_keeps_log_and_views(env: Env) {
