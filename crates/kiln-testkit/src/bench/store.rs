@@ -5,7 +5,8 @@
 //! - appends per second for 1, 8, 64 and 256 concurrent writers; every append is one
 //!   `instance_state_changed` event with an `Exact` expected version and its own idempotency
 //!   key, and each writer waits for its append before sending the next one; then events per
-//!   second for 8 and 64 writers whose appends carry 16 state changes each (an append is
+//!   second for 8 and 64 writers whose appends carry 16 state changes each, and 64 writers with
+//!   64 each (an append is
 //!   atomic, so its events share one key: a reconciler reporting many instances at once), and
 //!   for 64 writers whose appends each place 16 new instances (a deploy: full WorkloadSpecs,
 //!   `NoStream` expected, one key per append);
@@ -334,6 +335,8 @@ struct Figures {
     eight_multi: f64,
     /// Events per second, 64 writers, 16 state changes per append.
     many_multi: f64,
+    /// Events per second, 64 writers, 64 state changes per append.
+    many_large: f64,
     /// Events per second, 64 writers, 16 placements per append.
     deploy: f64,
 }
@@ -365,6 +368,7 @@ async fn bench_backend(
     let crowd = phase("crowd", 256, 125, 1).await?;
     let eight_multi = phase("multi", 8, 500, 16).await? * 16.0;
     let many_multi = phase("reconcile", 64, 100, 16).await? * 16.0;
+    let many_large = phase("reconcile64", 64, 25, 64).await? * 64.0;
     let (deploy, d) = deploy_phase(&store, 64, 40, 16).await?;
     println!(
         "backend={backend} phase=deploy writers=64 events_per_append=16 appends={} seconds={:.2} events_per_sec={deploy:.0} appends_per_sec={:.0} peak_rss_mib={}",
@@ -406,6 +410,7 @@ async fn bench_backend(
         crowd,
         eight_multi,
         many_multi,
+        many_large,
         deploy,
     })
 }
@@ -436,8 +441,8 @@ pub async fn run() -> Result<()> {
     println!("== summary (appends per second with one event each; events per second with 16)");
     for f in &figures {
         println!(
-            "backend={} writers_1={:.0} writers_8={:.0} writers_64={:.0} writers_256={:.0} writers_8_events_per_sec_16_per_append={:.0} writers_64_events_per_sec_16_per_append={:.0} deploy_events_per_sec={:.0}",
-            f.backend, f.one, f.eight, f.many, f.crowd, f.eight_multi, f.many_multi, f.deploy
+            "backend={} writers_1={:.0} writers_8={:.0} writers_64={:.0} writers_256={:.0} writers_8_events_per_sec_16_per_append={:.0} writers_64_events_per_sec_16_per_append={:.0} writers_64_events_per_sec_64_per_append={:.0} deploy_events_per_sec={:.0}",
+            f.backend, f.one, f.eight, f.many, f.crowd, f.eight_multi, f.many_multi, f.many_large, f.deploy
         );
     }
     for f in &figures {
