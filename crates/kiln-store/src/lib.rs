@@ -157,8 +157,19 @@ pub struct Options {
     pub retry_for: Duration,
     /// Postgres: connections used for reads (each is pipelined, so a few suffice).
     pub read_connections: usize,
+    /// How long an idempotency key is remembered. An expired key behaves as new: an append
+    /// with it is recorded again. Expired keys are deleted in the background, a small batch at
+    /// a time ([`Store::prune_idempotency`]).
+    pub idempotency_retention: Duration,
     pub commit_hook: Option<CommitHook>,
 }
+
+/// The default [`Options::idempotency_retention`]: a day, far longer than any client retries.
+pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+/// Expired idempotency keys deleted per statement (and per transaction) when pruning.
+const PRUNE_BATCH: u64 = 1_000;
+/// How often the background task prunes expired idempotency keys.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 impl Default for Options {
     fn default() -> Self {
@@ -166,6 +177,7 @@ impl Default for Options {
             max_batch: 512,
             retry_for: Duration::from_secs(30),
             read_connections: 2,
+            idempotency_retention: IDEMPOTENCY_RETENTION,
             commit_hook: None,
         }
     }
@@ -177,6 +189,7 @@ impl std::fmt::Debug for Options {
             .field("max_batch", &self.max_batch)
             .field("retry_for", &self.retry_for)
             .field("read_connections", &self.read_connections)
+            .field("idempotency_retention", &self.idempotency_retention)
             .field("commit_hook", &self.commit_hook.is_some())
             .finish()
     }
@@ -188,12 +201,18 @@ enum Backend {
     Postgres(Arc<postgres::Postgres>),
 }
 
+enum WeakBackend {
+    Sqlite(std::sync::Weak<sqlite::Sqlite>),
+    Postgres(std::sync::Weak<postgres::Postgres>),
+}
+
 /// The event log and views. Cheap to clone; the backend's tasks stop when the last clone is
 /// dropped.
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
     head: watch::Receiver<u64>,
+    retention: Duration,
 }
 
 impl Store {
@@ -207,23 +226,80 @@ impl Store {
         Store::open(&Location::Postgres(url.to_owned()), Options::default()).await
     }
 
-    /// Opens a store at `location`, running the log and view migrations it needs.
+    /// Opens a store at `location`, running the log and view migrations it needs. Starts the
+    /// background task that prunes expired idempotency keys (it stops with the store).
     pub async fn open(location: &Location, options: Options) -> Result<Store, StoreError> {
-        match location {
+        let retention = options.idempotency_retention;
+        let store = match location {
             Location::Sqlite(path) => {
                 let (inner, head) = sqlite::Sqlite::open(path, options).await?;
-                Ok(Store {
+                Store {
                     backend: Backend::Sqlite(Arc::new(inner)),
                     head,
-                })
+                    retention,
+                }
             }
             Location::Postgres(url) => {
                 let (inner, head) = postgres::Postgres::open(url, options).await?;
-                Ok(Store {
+                Store {
                     backend: Backend::Postgres(Arc::new(inner)),
                     head,
-                })
+                    retention,
+                }
             }
+        };
+        store.spawn_pruner();
+        Ok(store)
+    }
+
+    /// Every `PRUNE_EVERY`, prunes expired idempotency keys; holds only a weak reference, so it
+    /// ends when the last clone of the store is dropped.
+    fn spawn_pruner(&self) {
+        let weak = match &self.backend {
+            Backend::Sqlite(s) => WeakBackend::Sqlite(Arc::downgrade(s)),
+            Backend::Postgres(p) => WeakBackend::Postgres(Arc::downgrade(p)),
+        };
+        let head = self.head.clone();
+        let retention = self.retention;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PRUNE_EVERY).await;
+                let backend = match &weak {
+                    WeakBackend::Sqlite(w) => w.upgrade().map(Backend::Sqlite),
+                    WeakBackend::Postgres(w) => w.upgrade().map(Backend::Postgres),
+                };
+                let Some(backend) = backend else { return };
+                let store = Store {
+                    backend,
+                    head: head.clone(),
+                    retention,
+                };
+                match store.prune_idempotency().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(keys = n, "expired idempotency keys pruned"),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune expired idempotency keys"),
+                }
+            }
+        });
+    }
+
+    /// Deletes every idempotency key older than the retention, in batches of `PRUNE_BATCH`
+    /// keys, each its own short transaction, so appends are never held up for long. Returns
+    /// how many were deleted. The background task calls it every minute.
+    pub async fn prune_idempotency(&self) -> Result<u64, StoreError> {
+        let retention = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = kiln_types::now_millis().saturating_sub(retention);
+        let mut total = 0;
+        loop {
+            let n = match &self.backend {
+                Backend::Sqlite(s) => s.prune_idempotency(cutoff, PRUNE_BATCH).await?,
+                Backend::Postgres(p) => p.prune_idempotency(cutoff, PRUNE_BATCH).await?,
+            };
+            total += n;
+            if n < PRUNE_BATCH {
+                return Ok(total);
+            }
+            tokio::task::yield_now().await;
         }
     }
 

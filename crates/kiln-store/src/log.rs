@@ -22,7 +22,7 @@ pub(crate) const STREAM_VERSION: Query = Query {
 };
 pub(crate) const IDEMPOTENCY: Query = Query {
     name: "idempotency",
-    sql: "SELECT request_hash, first_seq, last_seq FROM idempotency WHERE scope = $1 AND key = $2",
+    sql: "SELECT request_hash, first_seq, last_seq FROM idempotency WHERE scope = $1 AND key = $2 AND created_at > $3",
 };
 pub(crate) const HEAD: Query = Query {
     name: "head",

@@ -67,6 +67,16 @@ impl Planner {
         self.now
     }
 
+    /// The last sequence the batch has assigned so far (the head once it commits).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Every stream the planner knows, with its version as of the appends accepted so far.
+    pub(crate) fn versions(&self) -> impl Iterator<Item = (&StreamRef, u64)> {
+        self.versions.iter().map(|(s, v)| (s, *v))
+    }
+
     /// The streams and keys of `appends` whose state the planner has not loaded yet.
     pub(crate) fn missing<'a>(
         &self,
@@ -74,16 +84,18 @@ impl Planner {
     ) -> (Vec<StreamRef>, Vec<(String, String)>) {
         let mut streams = Vec::new();
         let mut keys = Vec::new();
+        let mut seen_streams = std::collections::HashSet::new();
+        let mut seen_keys = std::collections::HashSet::new();
         for a in appends {
             for e in &a.events {
                 let s = e.event.stream();
-                if !self.versions.contains_key(&s) && !streams.contains(&s) {
+                if !self.versions.contains_key(&s) && seen_streams.insert(s.clone()) {
                     streams.push(s);
                 }
             }
             if let Some(i) = &a.idempotency {
                 let k = (i.scope.clone(), i.key.clone());
-                if !self.keys.contains_key(&k) && !keys.contains(&k) {
+                if !self.keys.contains_key(&k) && seen_keys.insert(k.clone()) {
                     keys.push(k);
                 }
             }

@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
+use kiln_types::event::StreamRef;
 use kiln_types::now_millis;
 
 use crate::checksum::{RebuildReport, TableHasher, ViewChecksum};
@@ -63,7 +64,8 @@ const LINGER: Duration = Duration::from_millis(1);
 /// How often the listener re-reads the head, should a notification be lost.
 const HEAD_POLL: Duration = Duration::from_secs(5);
 
-const LOG_MIGRATIONS: &[&str] = &[r#"
+const LOG_MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     seq BIGINT PRIMARY KEY,
     stream_type TEXT NOT NULL,
@@ -85,7 +87,19 @@ CREATE TABLE idempotency (
     created_at BIGINT NOT NULL,
     PRIMARY KEY (scope, key)
 );
-"#];
+"#,
+    // v2: keys expire (`Options::idempotency_retention`); the pruner finds them by age.
+    "CREATE INDEX idempotency_created ON idempotency (created_at);",
+];
+
+/// Storage settings of view tables, applied when the store opens (they change how rows are laid
+/// out on disk, never what the views hold, so they are not part of the view schema). `instances`
+/// rows are wide (a WorkloadSpec each, about 1 KiB) and their state changes often: with full
+/// pages every update must move the row to another page and add an entry to each of its
+/// indexes; with half-full pages the new version fits beside the old one (a HOT update, no index
+/// entries), and the old one is reclaimed on a later visit to the page. The setting applies to
+/// pages written from then on.
+const VIEW_STORAGE: &[(&str, &str)] = &[("instances", "fillfactor=50")];
 
 const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock($1)";
 const XID_SQL: &str = "SELECT pg_current_xact_id()::text";
@@ -93,10 +107,14 @@ const XACT_STATUS_SQL: &str = "SELECT pg_xact_status(($1::text)::xid8)";
 const NOTIFY_SQL: &str = "SELECT pg_notify('kiln_events', $1)";
 // LATERAL with LIMIT keeps the lookup an index probe per key whatever the planner believes
 // about the table's size (a young table has no statistics).
-const IDEM_LOOKUP_SQL: &str = "SELECT u.scope, u.key, i.request_hash, i.first_seq, i.last_seq FROM UNNEST($1::text[], $2::text[]) AS u(scope, key) JOIN LATERAL (SELECT request_hash, first_seq, last_seq FROM idempotency WHERE scope = u.scope AND key = u.key LIMIT 1) i ON TRUE";
+const IDEM_LOOKUP_SQL: &str = "SELECT u.scope, u.key, i.request_hash, i.first_seq, i.last_seq FROM UNNEST($1::text[], $2::text[]) AS u(scope, key) JOIN LATERAL (SELECT request_hash, first_seq, last_seq FROM idempotency WHERE scope = u.scope AND key = u.key AND created_at > $3 LIMIT 1) i ON TRUE";
 const STREAMS_LOOKUP_SQL: &str = "SELECT u.t, u.i, COALESCE((SELECT MAX(e.stream_version) FROM events e WHERE e.stream_type = u.t AND e.stream_id = u.i), 0) FROM UNNEST($1::text[], $2::text[]) AS u(t, i)";
 const INSERT_EVENTS_SQL: &str = "INSERT INTO events (seq, stream_type, stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at) SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::bigint[])";
-const INSERT_KEYS_SQL: &str = "INSERT INTO idempotency (scope, key, request_hash, first_seq, last_seq, created_at) SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])";
+// A key still in the table but expired (not pruned yet) is replaced: it behaves as new.
+const INSERT_KEYS_SQL: &str = "INSERT INTO idempotency (scope, key, request_hash, first_seq, last_seq, created_at) SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) ON CONFLICT (scope, key) DO UPDATE SET request_hash = excluded.request_hash, first_seq = excluded.first_seq, last_seq = excluded.last_seq, created_at = excluded.created_at";
+// The age condition is on the deleted row itself, so a key renewed by an append meanwhile
+// (re-checked after its row lock is released) is not deleted.
+const PRUNE_KEYS_SQL: &str = "DELETE FROM idempotency WHERE created_at <= $1 AND (scope, key) IN (SELECT scope, key FROM idempotency WHERE created_at <= $1 ORDER BY created_at LIMIT $2)";
 
 /// `postgres://user:secret@host/db` without the secret, for messages and logs.
 pub(crate) fn redact(url: &str) -> String {
@@ -456,6 +474,21 @@ impl Postgres {
         .await
     }
 
+    /// Deletes up to `batch` idempotency keys recorded at or before `cutoff` (one statement,
+    /// its own transaction, outside the append lock); returns how many.
+    pub(crate) async fn prune_idempotency(
+        &self,
+        cutoff: i64,
+        batch: u64,
+    ) -> Result<u64, StoreError> {
+        let params = &[Val::Int(cutoff), Val::from(batch)];
+        self.with_reader("prune_idempotency", |c| async move {
+            let stmt = c.stmt(PRUNE_KEYS_SQL).await?;
+            Ok(c.client.execute(&stmt, &refs(params)).await?)
+        })
+        .await
+    }
+
     pub(crate) async fn view_checksums(&self) -> Result<Vec<ViewChecksum>, StoreError> {
         self.with_reader("view_checksums", |c| async move { checksums(&c).await })
             .await
@@ -718,6 +751,13 @@ async fn migrate(c: &Conn, view_target: u32) -> Result<(), StoreError> {
             });
         }
         let view_final = view_target.max(view_v);
+        tune_storage(c)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                track: "views",
+                version: view_v,
+                source,
+            })?;
         if log_v == log_known && view_v == view_final {
             return Ok(());
         }
@@ -780,11 +820,41 @@ async fn migrate(c: &Conn, view_target: u32) -> Result<(), StoreError> {
     if result.is_err() {
         let _ = c.client.batch_execute("ROLLBACK").await;
     }
+    // After the migrations (the tables exist), still under the migration lock.
+    let result = match result {
+        Ok(()) => tune_storage(c).await.map_err(|source| StoreError::Migrate {
+            track: "views",
+            version: VIEW_VERSION,
+            source,
+        }),
+        Err(e) => Err(e),
+    };
     let _ = c
         .client
         .batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATE_LOCK})"))
         .await;
     result
+}
+
+/// Applies [`VIEW_STORAGE`] to the tables that exist and lack it.
+async fn tune_storage(c: &Conn) -> Result<(), DbError> {
+    for (table, setting) in VIEW_STORAGE {
+        let rows = c
+            .client
+            .query(
+                "SELECT COALESCE(array_to_string(reloptions, ','), '') FROM pg_class WHERE oid = to_regclass($1)",
+                &[table],
+            )
+            .await?;
+        let Some(row) = rows.first() else { continue };
+        let current: String = row.try_get(0)?;
+        if !current.split(',').any(|o| o == *setting) {
+            c.client
+                .batch_execute(&format!("ALTER TABLE {table} SET ({setting})"))
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Follows `kiln_events` notifications into the head; stops when the store is dropped.
@@ -849,6 +919,7 @@ async fn committer(
     options: Options,
 ) {
     let mut conn: Option<Conn> = None;
+    let mut cache = StreamCache::default();
     let mut last_batch = 1;
     while let Some(first) = rx.recv().await {
         let mut events = first.append.events.len();
@@ -878,7 +949,7 @@ async fn committer(
         last_batch = batch.len();
         let (appends, replies): (Vec<Append>, Vec<_>) =
             batch.into_iter().map(|p| (p.append, p.reply)).unzip();
-        let results = commit_retrying(&config, &mut conn, &appends, &options).await;
+        let results = commit_retrying(&config, &mut conn, &mut cache, &appends, &options).await;
         let last = results
             .iter()
             .filter_map(|r| r.as_ref().ok())
@@ -918,6 +989,7 @@ fn fail_all(n: usize, e: &StoreError) -> Results {
 async fn commit_retrying(
     config: &tokio_postgres::Config,
     conn: &mut Option<Conn>,
+    cache: &mut StreamCache,
     appends: &[Append],
     options: &Options,
 ) -> Results {
@@ -934,7 +1006,11 @@ async fn commit_retrying(
         attempts += 1;
         if conn.as_ref().is_none_or(Conn::is_closed) {
             match Conn::connect_writer(config).await {
-                Ok(c) => *conn = Some(c),
+                Ok(c) => {
+                    // A new connection may be to a database restored meanwhile.
+                    cache.clear();
+                    *conn = Some(c);
+                }
                 Err(e) => {
                     if !e.is_connection() || started.elapsed() >= options.retry_for {
                         return fail_all(appends.len(), &unavailable(attempts, e));
@@ -946,11 +1022,13 @@ async fn commit_retrying(
             }
         }
         let Some(c) = conn.as_ref() else { continue };
-        let outcome = match attempt_fast(c, appends, options.commit_hook.as_ref()).await {
+        let hook = options.commit_hook.as_ref();
+        let retention = options.idempotency_retention;
+        let outcome = match attempt_fast(c, cache, appends, retention, hook).await {
             Err(Attempt::Fatal(StoreError::ApplyView { .. })) => {
                 // A view rejected a change; nothing was committed. Redo the batch one append at
                 // a time so that only the offending appends fail.
-                attempt_careful(c, appends, options.commit_hook.as_ref()).await
+                attempt_careful(c, cache, appends, retention, hook).await
             }
             other => other,
         };
@@ -974,6 +1052,7 @@ async fn commit_retrying(
                 source,
             }) => {
                 *conn = None;
+                cache.clear();
                 tracing::warn!(error = %source, xid, "connection lost during commit; asking the server for the outcome");
                 match xact_status(config, &xid, started, options.retry_for).await {
                     Some(true) => return results,
@@ -1027,27 +1106,65 @@ async fn xact_status(
     }
 }
 
+/// Most stream versions the committer remembers between batches.
+const STREAM_CACHE_MAX: usize = 65_536;
+
+/// The committer's memory of stream versions as of its own last commit, so that a batch need
+/// not look up the streams it wrote recently. It is only used when the head read under the
+/// append lock is the head this committer's last commit left (then no one else has appended
+/// since: every append batch takes the lock, and the log only grows); otherwise, on a new
+/// connection, and after a commit whose outcome had to be asked for, it is forgotten.
+#[derive(Default)]
+struct StreamCache {
+    head: u64,
+    versions: HashMap<StreamRef, u64>,
+}
+
+impl StreamCache {
+    fn clear(&mut self) {
+        self.head = 0;
+        self.versions.clear();
+    }
+
+    /// After a commit: the streams the batch knew, and the head it left.
+    fn learn(&mut self, planner: &Planner) {
+        if self.versions.len() > STREAM_CACHE_MAX {
+            self.versions.clear();
+        }
+        for (s, v) in planner.versions() {
+            self.versions.insert(s.clone(), v);
+        }
+        self.head = planner.last_seq();
+    }
+}
+
 /// What round 1 learned: the planner loaded with the batch's state, and the transaction id.
-async fn begin_and_load(c: &Conn, appends: &[Append]) -> Result<(Planner, String), Attempt> {
+async fn begin_and_load(
+    c: &Conn,
+    cache: &mut StreamCache,
+    appends: &[Append],
+    retention: Duration,
+) -> Result<(Planner, String), Attempt> {
+    // Keys recorded at or before this are expired.
+    let expired =
+        now_millis().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
     let (streams, keys) = Planner::new(0, 0).missing(appends.iter());
+    let (cached, streams): (Vec<StreamRef>, Vec<StreamRef>) = streams
+        .into_iter()
+        .partition(|s| cache.versions.contains_key(s));
     let mut ops = vec![
         Op::Simple("BEGIN"),
         Op::Exec(LOCK_SQL, vec![Val::Int(APPEND_LOCK)]),
         Op::Query(XID_SQL, vec![]),
         Op::Query(log::HEAD.sql, vec![]),
+        streams_lookup(&streams),
     ];
-    ops.push(Op::Query(
-        STREAMS_LOOKUP_SQL,
-        vec![
-            Val::TextArray(streams.iter().map(|s| s.kind.as_str().to_owned()).collect()),
-            Val::TextArray(streams.iter().map(|s| s.id.clone()).collect()),
-        ],
-    ));
     ops.push(Op::Query(
         IDEM_LOOKUP_SQL,
         vec![
             Val::TextArray(keys.iter().map(|k| k.0.clone()).collect()),
             Val::TextArray(keys.iter().map(|k| k.1.clone()).collect()),
+            Val::Int(expired),
         ],
     ));
     let results = c.pipeline(&ops).await.map_err(classify_uncommitted)?;
@@ -1055,15 +1172,45 @@ async fn begin_and_load(c: &Conn, appends: &[Append]) -> Result<(Planner, String
     for r in results {
         rows.push(r.map_err(classify_uncommitted)?);
     }
+    let fatal = |source| {
+        Attempt::Fatal(StoreError::Append {
+            event_type: "batch",
+            source,
+        })
+    };
+    let head = rows[3]
+        .first()
+        .ok_or_else(no_row)
+        .and_then(|r| (r as &dyn Cols).uint(0))
+        .map_err(fatal)?;
+    let mut known = Vec::new();
+    if !cached.is_empty() && head != cache.head {
+        // Someone else appended since this committer's last commit.
+        cache.clear();
+        let more = c
+            .pipeline(&[streams_lookup(&cached)])
+            .await
+            .map_err(classify_uncommitted)?;
+        for r in more {
+            rows[4].extend(r.map_err(classify_uncommitted)?);
+        }
+    } else {
+        for s in cached {
+            let v = cache.versions.get(&s).copied().unwrap_or(0);
+            known.push((s, v));
+        }
+    }
     let load = || -> Result<(Planner, String), DbError> {
         let xid = (rows[2].first().ok_or_else(no_row)? as &dyn Cols).text(0)?;
-        let head = (rows[3].first().ok_or_else(no_row)? as &dyn Cols).uint(0)?;
         let mut planner = Planner::new(head, now_millis());
+        for (s, v) in known {
+            planner.load_stream(s, v);
+        }
         for r in &rows[4] {
             let r = r as &dyn Cols;
             let kind = log::stream_type(&r.text(0)?).ok_or_else(no_row)?;
             planner.load_stream(
-                kiln_types::event::StreamRef {
+                StreamRef {
                     kind,
                     id: r.text(1)?,
                 },
@@ -1084,12 +1231,17 @@ async fn begin_and_load(c: &Conn, appends: &[Append]) -> Result<(Planner, String
         }
         Ok((planner, xid))
     };
-    load().map_err(|source| {
-        Attempt::Fatal(StoreError::Append {
-            event_type: "batch",
-            source,
-        })
-    })
+    load().map_err(fatal)
+}
+
+fn streams_lookup(streams: &[StreamRef]) -> Op {
+    Op::Query(
+        STREAMS_LOOKUP_SQL,
+        vec![
+            Val::TextArray(streams.iter().map(|s| s.kind.as_str().to_owned()).collect()),
+            Val::TextArray(streams.iter().map(|s| s.id.clone()).collect()),
+        ],
+    )
 }
 
 fn no_row() -> DbError {
@@ -1155,38 +1307,187 @@ fn write_ops(
         ));
         owners.push(None);
     }
-    // The fast path sends the view changes as one script (see `sql::inline_literals`); its
-    // failure sends the batch to the careful path, which runs them one by one to find the
-    // culprit.
-    let mut script = String::new();
-    let mut script_owner = None;
-    for e in events {
-        for (sql, params) in views::writes(&e.event, e.recorded_at) {
-            let inlined = as_script
-                .then(|| crate::sql::inline_literals(sql, &params).ok())
-                .flatten();
-            match inlined {
-                Some(stmt) => {
-                    script_owner.get_or_insert((e.event.type_name(), e.seq));
-                    script.push_str(&stmt);
-                    script.push_str(";\n");
+    let changes = events.iter().flat_map(|e| {
+        views::writes(&e.event, e.recorded_at)
+            .into_iter()
+            .map(|(sql, params)| Change {
+                sql,
+                params,
+                owner: (e.event.type_name(), e.seq),
+            })
+    });
+    if as_script {
+        // The fast path: its failure sends the batch to the careful path, which runs the
+        // changes one by one to find the culprit.
+        view_ops(changes.collect(), &mut ops, &mut owners);
+    } else {
+        for c in changes {
+            ops.push(Op::Exec(c.sql, c.params));
+            owners.push(Some(c.owner));
+        }
+    }
+    (ops, owners)
+}
+
+/// One view change and the event it belongs to.
+struct Change {
+    sql: &'static str,
+    params: Vec<Val>,
+    owner: (&'static str, u64),
+}
+
+/// Changes inlined into one simple-protocol message (see `sql::inline_literals`).
+#[derive(Default)]
+struct Script {
+    sql: String,
+    owner: Owner,
+}
+
+impl Script {
+    fn push(&mut self, c: Change, ops: &mut Vec<Op>, owners: &mut Vec<Owner>) {
+        match crate::sql::inline_literals(c.sql, &c.params) {
+            Ok(stmt) => {
+                self.owner.get_or_insert(c.owner);
+                self.sql.push_str(&stmt);
+                self.sql.push_str(";\n");
+            }
+            Err(_) => {
+                self.flush(ops, owners);
+                ops.push(Op::Exec(c.sql, c.params));
+                owners.push(Some(c.owner));
+            }
+        }
+    }
+
+    fn flush(&mut self, ops: &mut Vec<Op>, owners: &mut Vec<Owner>) {
+        if !self.sql.is_empty() {
+            ops.push(Op::Script(std::mem::take(&mut self.sql)));
+            owners.push(self.owner.take());
+        }
+    }
+}
+
+/// The statements that apply `changes` (in log order) to the views, as few as possible. View
+/// statements touch one table each, so changes to different tables commute: they are grouped
+/// by table, in order within each. A run of two or more changes by the same statement with a
+/// set-based form ([`views::BULK`]) becomes one statement over arrays (bound in binary); the
+/// others are inlined into scripts. The server then parses and plans a few statements per
+/// batch instead of one per event. (Replay keeps applying changes one statement each, so a
+/// rebuild checks the set-based forms against the one-row statements.)
+fn view_ops(changes: Vec<Change>, ops: &mut Vec<Op>, owners: &mut Vec<Owner>) {
+    let mut tables: Vec<(&'static str, Vec<Change>)> = Vec::new();
+    for c in changes {
+        let table = views::table_of(c.sql);
+        match tables.iter_mut().find(|(t, _)| *t == table) {
+            Some((_, list)) => list.push(c),
+            None => tables.push((table, vec![c])),
+        }
+    }
+    let mut script = Script::default();
+    for (_, list) in tables {
+        let mut rest = list.into_iter().peekable();
+        while let Some(first) = rest.next() {
+            let sql = first.sql;
+            let mut run = vec![first];
+            while let Some(c) = rest.next_if(|c| c.sql == sql) {
+                run.push(c);
+            }
+            let bulk = views::bulk_of(sql).filter(|_| run.len() >= 2);
+            let Some(bulk) = bulk else {
+                for c in run {
+                    script.push(c, ops, owners);
                 }
-                None => {
-                    if !script.is_empty() {
-                        ops.push(Op::Script(std::mem::take(&mut script)));
-                        owners.push(script_owner.take());
+                continue;
+            };
+            for chunk in bulk_chunks(bulk, run) {
+                match bulk_params(&chunk) {
+                    Some(params) => {
+                        script.flush(ops, owners);
+                        ops.push(Op::Exec(bulk.sql, params));
+                        owners.push(Some(chunk[0].owner));
                     }
-                    ops.push(Op::Exec(sql, params));
-                    owners.push(Some((e.event.type_name(), e.seq)));
+                    None => {
+                        for c in chunk {
+                            script.push(c, ops, owners);
+                        }
+                    }
                 }
             }
         }
     }
-    if !script.is_empty() {
-        ops.push(Op::Script(script));
-        owners.push(script_owner);
+    script.flush(ops, owners);
+}
+
+/// Splits a run of changes by one statement into groups that each change a row at most once:
+/// with `fold`, only the last change of each row is kept (it overwrites the others); otherwise
+/// a new group starts where a row comes again.
+fn bulk_chunks(bulk: &views::Bulk, run: Vec<Change>) -> Vec<Vec<Change>> {
+    let key = |c: &Change| -> Vec<Val> {
+        bulk.key
+            .iter()
+            .map(|&i| c.params.get(i).cloned().unwrap_or(Val::OptInt(None)))
+            .collect()
+    };
+    if bulk.fold {
+        let mut seen = std::collections::HashSet::new();
+        let mut kept: Vec<Change> = run
+            .into_iter()
+            .rev()
+            .filter(|c| seen.insert(key(c)))
+            .collect();
+        kept.reverse();
+        return vec![kept];
     }
-    (ops, owners)
+    let mut chunks = vec![Vec::new()];
+    let mut seen = std::collections::HashSet::new();
+    for c in run {
+        if !seen.insert(key(&c)) {
+            seen.clear();
+            seen.insert(key(&c));
+            chunks.push(Vec::new());
+        }
+        if let Some(last) = chunks.last_mut() {
+            last.push(c);
+        }
+    }
+    chunks
+}
+
+/// The parameters of a set-based statement: one array per parameter of the one-row statement.
+/// `None` when a parameter is not of one type across the changes (they are then sent one by
+/// one).
+fn bulk_params(chunk: &[Change]) -> Option<Vec<Val>> {
+    let n = chunk.first()?.params.len();
+    let mut out = Vec::with_capacity(n);
+    for j in 0..n {
+        let column = match chunk[0].params.get(j)? {
+            Val::Int(_) | Val::OptInt(_) => {
+                let mut v = Vec::with_capacity(chunk.len());
+                for c in chunk {
+                    v.push(match c.params.get(j)? {
+                        Val::Int(i) => Some(*i),
+                        Val::OptInt(i) => *i,
+                        _ => return None,
+                    });
+                }
+                Val::OptIntArray(v)
+            }
+            Val::Text(_) | Val::OptText(_) => {
+                let mut v = Vec::with_capacity(chunk.len());
+                for c in chunk {
+                    v.push(match c.params.get(j)? {
+                        Val::Text(t) => Some(t.clone()),
+                        Val::OptText(t) => t.clone(),
+                        _ => return None,
+                    });
+                }
+                Val::OptTextArray(v)
+            }
+            _ => return None,
+        };
+        out.push(column);
+    }
+    Some(out)
 }
 
 /// The decisions of a whole batch and the statements that carry them out.
@@ -1198,10 +1499,12 @@ struct Plan {
 /// Round 2 of the fast path: every append of the batch in one pipeline, `COMMIT` included.
 async fn attempt_fast(
     c: &Conn,
+    cache: &mut StreamCache,
     appends: &[Append],
+    retention: Duration,
     hook: Option<&CommitHook>,
 ) -> Result<Results, Attempt> {
-    let (mut planner, xid) = begin_and_load(c, appends).await?;
+    let (mut planner, xid) = begin_and_load(c, cache, appends, retention).await?;
     let now = planner.now();
     let planned: Vec<Planned> = appends.iter().map(|a| planner.plan(a).0).collect();
     let mut events = Vec::new();
@@ -1305,6 +1608,7 @@ async fn attempt_fast(
             });
         }
     }
+    cache.learn(&planner);
     finish(plan, Some(replay_rows)).map_err(Attempt::Fatal)
 }
 
@@ -1361,10 +1665,12 @@ fn decode_rows(rows: &[Row]) -> Result<Vec<RecordedEvent>, StoreError> {
 /// appends that fail are refused.
 async fn attempt_careful(
     c: &Conn,
+    cache: &mut StreamCache,
     appends: &[Append],
+    retention: Duration,
     hook: Option<&CommitHook>,
 ) -> Result<Results, Attempt> {
-    let (mut planner, xid) = begin_and_load(c, appends).await?;
+    let (mut planner, xid) = begin_and_load(c, cache, appends, retention).await?;
     let now = planner.now();
     let mut results = Vec::with_capacity(appends.len());
     let mut written = Vec::new();
@@ -1477,6 +1783,7 @@ async fn attempt_careful(
             })
         });
     }
+    cache.learn(&planner);
     Ok(results)
 }
 

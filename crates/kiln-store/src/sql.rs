@@ -11,7 +11,7 @@ use crate::error::DbError;
 
 /// A statement parameter. Integers are 64-bit everywhere (Postgres columns are BIGINT) so that a
 /// value binds the same way on both backends.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Val {
     Int(i64),
     OptInt(Option<i64>),
@@ -20,6 +20,8 @@ pub(crate) enum Val {
     /// Arrays, for Postgres bulk statements (`UNNEST($1::bigint[])`) only.
     IntArray(Vec<i64>),
     TextArray(Vec<String>),
+    OptIntArray(Vec<Option<i64>>),
+    OptTextArray(Vec<Option<String>>),
 }
 
 impl From<&str> for Val {
@@ -71,9 +73,11 @@ impl rusqlite::ToSql for Val {
             Val::OptInt(v) => v.to_sql(),
             Val::Text(v) => v.to_sql(),
             Val::OptText(v) => v.to_sql(),
-            Val::IntArray(_) | Val::TextArray(_) => Err(rusqlite::Error::ToSqlConversionFailure(
-                "arrays are bound only on Postgres".into(),
-            )),
+            Val::IntArray(_) | Val::TextArray(_) | Val::OptIntArray(_) | Val::OptTextArray(_) => {
+                Err(rusqlite::Error::ToSqlConversionFailure(
+                    "arrays are bound only on Postgres".into(),
+                ))
+            }
         }
     }
 }
@@ -91,6 +95,8 @@ impl tokio_postgres::types::ToSql for Val {
             Val::OptText(v) => v.to_sql(ty, out),
             Val::IntArray(v) => v.to_sql(ty, out),
             Val::TextArray(v) => v.to_sql(ty, out),
+            Val::OptIntArray(v) => v.to_sql(ty, out),
+            Val::OptTextArray(v) => v.to_sql(ty, out),
         }
     }
 
@@ -115,6 +121,8 @@ impl tokio_postgres::types::ToSql for Val {
             Val::OptText(v) => v.to_sql_checked(ty, out),
             Val::IntArray(v) => v.to_sql_checked(ty, out),
             Val::TextArray(v) => v.to_sql_checked(ty, out),
+            Val::OptIntArray(v) => v.to_sql_checked(ty, out),
+            Val::OptTextArray(v) => v.to_sql_checked(ty, out),
         }
     }
 }
@@ -157,7 +165,7 @@ pub(crate) fn inline_literals(sql: &str, params: &[Val]) -> Result<String, DbErr
                 out.push_str(&t.replace('\'', "''"));
                 out.push('\'');
             }
-            Val::IntArray(_) | Val::TextArray(_) => {
+            Val::IntArray(_) | Val::TextArray(_) | Val::OptIntArray(_) | Val::OptTextArray(_) => {
                 return Err(DbError::Column {
                     column: n,
                     value: "arrays are not inlined".into(),

@@ -25,7 +25,8 @@ use crate::{Append, Appended, CommitHook, Options, StoreError};
 
 /// The log's schema, in order; the index + 1 is the log schema version. Append only; old rows
 /// must stay readable.
-const LOG_MIGRATIONS: &[&str] = &[r#"
+const LOG_MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     stream_type TEXT NOT NULL,
@@ -47,7 +48,10 @@ CREATE TABLE idempotency (
     created_at INTEGER NOT NULL,
     PRIMARY KEY (scope, key)
 );
-"#];
+"#,
+    // v2: keys expire (`Options::idempotency_retention`); the pruner finds them by age.
+    "CREATE INDEX idempotency_created ON idempotency (created_at);",
+];
 
 /// Events read per page while replaying.
 const REPLAY_PAGE: i64 = 5_000;
@@ -59,6 +63,12 @@ const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
 enum Cmd {
     Append(Append, oneshot::Sender<Result<Appended, StoreError>>),
     ReplayLive(oneshot::Sender<Result<u64, StoreError>>),
+    /// Delete up to `batch` idempotency keys recorded at or before `cutoff`.
+    Prune {
+        cutoff: i64,
+        batch: u64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
 }
 
 pub(crate) struct Sqlite {
@@ -122,9 +132,10 @@ impl Sqlite {
             let (cmd_tx, cmd_rx) = mpsc::channel();
             let max_batch = options.max_batch.max(1);
             let hook = options.commit_hook.clone();
+            let retention = options.idempotency_retention;
             std::thread::Builder::new()
                 .name("kiln-store-writer".into())
-                .spawn(move || writer_loop(writer, cmd_rx, head_tx, max_batch, hook, rt))
+                .spawn(move || writer_loop(writer, cmd_rx, head_tx, max_batch, retention, hook, rt))
                 .map_err(|e| StoreError::Open {
                     location: path.display().to_string(),
                     source: e.into(),
@@ -247,6 +258,24 @@ impl Sqlite {
             })
         })
         .await
+    }
+
+    /// Deletes up to `batch` expired idempotency keys, in the writer thread between batches of
+    /// appends; returns how many.
+    pub(crate) async fn prune_idempotency(
+        &self,
+        cutoff: i64,
+        batch: u64,
+    ) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        lock(&self.cmd)
+            .send(Cmd::Prune {
+                cutoff,
+                batch,
+                reply,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     pub(crate) async fn replay_live(&self) -> Result<u64, StoreError> {
@@ -492,6 +521,7 @@ fn writer_loop(
     rx: mpsc::Receiver<Cmd>,
     head_tx: watch::Sender<u64>,
     max_batch: usize,
+    retention: std::time::Duration,
     hook: Option<CommitHook>,
     rt: tokio::runtime::Handle,
 ) {
@@ -534,7 +564,7 @@ fn writer_loop(
                 }
                 last_batch = batch.len();
                 let (appends, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                let results = commit_batch(&mut conn, &appends, hook.as_ref(), &rt);
+                let results = commit_batch(&mut conn, &appends, retention, hook.as_ref(), &rt);
                 let last = results
                     .iter()
                     .filter_map(|r| r.as_ref().ok())
@@ -558,8 +588,27 @@ fn writer_loop(
             Cmd::ReplayLive(reply) => {
                 let _ = reply.send(replay_live(&mut conn));
             }
+            Cmd::Prune {
+                cutoff,
+                batch,
+                reply,
+            } => {
+                let _ = reply.send(prune(&conn, cutoff, batch));
+            }
         }
     }
+}
+
+fn prune(conn: &Connection, cutoff: i64, batch: u64) -> Result<u64, StoreError> {
+    conn.prepare_cached(
+        "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency WHERE created_at <= ?1 ORDER BY created_at LIMIT ?2)",
+    )
+    .and_then(|mut s| s.execute(params![cutoff, batch as i64]))
+    .map(|n| n as u64)
+    .map_err(|source| StoreError::Query {
+        query: "prune_idempotency",
+        source: source.into(),
+    })
 }
 
 fn replay_live(conn: &mut Connection) -> Result<u64, StoreError> {
@@ -577,6 +626,7 @@ fn replay_live(conn: &mut Connection) -> Result<u64, StoreError> {
 fn commit_batch(
     conn: &mut Connection,
     appends: &[Append],
+    retention: std::time::Duration,
     hook: Option<&CommitHook>,
     rt: &tokio::runtime::Handle,
 ) -> Vec<Result<Appended, StoreError>> {
@@ -598,10 +648,14 @@ fn commit_batch(
         Err(e) => return fail_all(aerr(e)),
     };
     let mut planner = Planner::new(head, now_millis());
+    // Keys recorded at or before this are expired.
+    let expired = planner
+        .now()
+        .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
     let mut results = Vec::with_capacity(appends.len());
     let mut written = Vec::new();
     for append in appends {
-        results.push(commit_one(&tx, &mut planner, append, &mut written));
+        results.push(commit_one(&tx, &mut planner, append, expired, &mut written));
     }
     if let Some(hook) = hook {
         rt.block_on(hook(written.clone()));
@@ -620,6 +674,7 @@ fn commit_one(
     tx: &Connection,
     planner: &mut Planner,
     append: &Append,
+    expired: i64,
     written: &mut Vec<u64>,
 ) -> Result<Appended, StoreError> {
     let event_type = append
@@ -642,7 +697,7 @@ fn commit_one(
         let found = run_query(
             tx,
             log::IDEMPOTENCY,
-            &[scope.clone().into(), key.clone().into()],
+            &[scope.clone().into(), key.clone().into(), Val::Int(expired)],
             |r| {
                 Ok(IdemRecord {
                     request_hash: r.text(0)?,
@@ -743,7 +798,9 @@ fn write(
     }
     if let (Some(idem), Some(first), Some(last)) = (idem, events.first(), events.last()) {
         tx.prepare_cached(
-            "INSERT INTO idempotency (scope, key, request_hash, first_seq, last_seq, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            // A key still in the table but expired (not pruned yet) is replaced: it behaves as
+            // new.
+            "INSERT INTO idempotency (scope, key, request_hash, first_seq, last_seq, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (scope, key) DO UPDATE SET request_hash = excluded.request_hash, first_seq = excluded.first_seq, last_seq = excluded.last_seq, created_at = excluded.created_at",
         )
         .and_then(|mut s| {
             s.execute(params![

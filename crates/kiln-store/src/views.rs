@@ -465,6 +465,72 @@ pub(crate) const INSERT_DOMAIN: &str =
 /// changes nothing.
 pub(crate) const VERIFY_DOMAIN: &str = "UPDATE domains SET verified_at = $3 WHERE app_id = $1 AND hostname = $2 AND verified_at IS NULL";
 pub(crate) const DELETE_DOMAIN: &str = "DELETE FROM domains WHERE app_id = $1 AND hostname = $2";
+/// The set-based form of a view statement, for Postgres: the same change applied to many rows in
+/// one statement, each of its parameters `$N` becoming an array `$N` (one element per row, typed
+/// by the cast in `sql`). Every view statement reads and writes one table only, so changes to
+/// different tables commute; changes to one table keep their order.
+pub(crate) struct Bulk {
+    /// The one-row statement this replaces.
+    pub single: &'static str,
+    pub sql: &'static str,
+    /// The parameters naming the row the statement changes.
+    pub key: &'static [usize],
+    /// True when a later change to a row overwrites everything an earlier one set, whatever the
+    /// row held (so of several changes to one row in a run, only the last need be sent);
+    /// otherwise a run is split where a row comes again, as one statement changes a row once.
+    pub fold: bool,
+}
+
+/// The statements with a set-based form: those appended often and in numbers (placements,
+/// state changes, token use).
+pub(crate) const BULK: &[Bulk] = &[
+    Bulk {
+        single: SET_INSTANCE_STATE,
+        sql: "UPDATE instances AS t SET state = u.state, reason = u.reason, updated_at = u.at FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) AS u(id, state, reason, at) WHERE t.id = u.id",
+        key: &[0],
+        fold: true,
+    },
+    Bulk {
+        single: INSERT_INSTANCE,
+        sql: "INSERT INTO instances (id, app_id, release_id, release_version, host_id, spec, state, desired_running, created_at, updated_at) SELECT u.id, u.app_id, u.release_id, u.release_version, u.host_id, u.spec, 'pending', TRUE, u.at, u.at FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bigint[]) AS u(id, app_id, release_id, release_version, host_id, spec, at)",
+        key: &[0],
+        fold: false,
+    },
+    Bulk {
+        single: STOP_INSTANCE,
+        sql: "UPDATE instances AS t SET desired_running = FALSE, reason = CASE WHEN t.state = 'failed' THEN t.reason ELSE u.reason END, updated_at = u.at FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(id, reason, at) WHERE t.id = u.id",
+        key: &[0],
+        fold: false,
+    },
+    Bulk {
+        single: SET_RELEASE_STATE,
+        sql: "UPDATE releases AS t SET state = u.state, reason = u.reason, updated_at = u.at FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) AS u(id, state, reason, at) WHERE t.id = u.id",
+        key: &[0],
+        fold: true,
+    },
+    Bulk {
+        single: TOUCH_TOKEN,
+        sql: "UPDATE tokens AS t SET last_used_at = u.at FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(id, org_id, at) WHERE t.id = u.id AND t.org_id = u.org_id AND (t.last_used_at IS NULL OR t.last_used_at < u.at)",
+        key: &[0],
+        fold: false,
+    },
+];
+
+/// The set-based form of `single`, if it has one.
+pub(crate) fn bulk_of(single: &str) -> Option<&'static Bulk> {
+    BULK.iter()
+        .find(|b| std::ptr::eq(b.single, single) || b.single == single)
+}
+
+/// The table a view statement changes (`INSERT INTO t`, `UPDATE t`, `DELETE FROM t`).
+pub(crate) fn table_of(sql: &str) -> &str {
+    let rest = sql
+        .strip_prefix("INSERT INTO ")
+        .or_else(|| sql.strip_prefix("UPDATE "))
+        .or_else(|| sql.strip_prefix("DELETE FROM "))
+        .unwrap_or(sql);
+    rest.split([' ', '(']).next().unwrap_or(rest)
+}
 
 fn json(v: &impl Serialize) -> Val {
     Val::Text(serde_json::to_string(v).unwrap_or_default())

@@ -135,6 +135,9 @@ conformance!(
     identity_views_follow_users_memberships_and_token_lifecycle,
     secrets_views_answer_any_version_and_follow_rewraps,
     domains_view_keeps_one_verified_claim_per_hostname,
+    idempotency_keys_expire_after_the_retention_and_are_pruned,
+    idempotency_log_migration_keeps_the_keys_of_a_populated_store,
+    batched_view_changes_equal_one_by_one,
 );
 
 fn sealed(name: &str, blob: &str) -> SealedSecret {
@@ -796,6 +799,222 @@ async fn idempotency_key_replays_same_request_and_rejects_different_one(env: Env
         .unwrap();
     assert!(!ok.replayed);
     assert_eq!(all_events(&s).await.len(), 4);
+}
+
+/// With a retention of zero every key is expired as soon as it is recorded: the same key is a new
+/// request again (same or different request hash), and pruning deletes it. With the default
+/// retention nothing is pruned and keys replay.
+async fn idempotency_keys_expire_after_the_retention_and_are_pruned(env: Env) {
+    let s = env
+        .open_with(Options {
+            idempotency_retention: Duration::ZERO,
+            ..Default::default()
+        })
+        .await;
+    let first = s
+        .append(keyed(vec![NewEvent::any(org_created("a"))], "k", "h"))
+        .await
+        .unwrap();
+    let again = s
+        .append(keyed(vec![NewEvent::any(org_created("a"))], "k", "h"))
+        .await
+        .unwrap();
+    assert!(!again.replayed, "an expired key is a new request");
+    assert_ne!(again.events[0].seq, first.events[0].seq);
+    let other = s
+        .append(keyed(vec![NewEvent::any(org_created("b"))], "k", "other"))
+        .await
+        .unwrap();
+    assert!(!other.replayed, "an expired key never conflicts");
+    // One row per key (an expired one is replaced), and pruning deletes it.
+    assert_eq!(s.prune_idempotency().await.unwrap(), 1);
+    assert_eq!(s.prune_idempotency().await.unwrap(), 0);
+    let after = s
+        .append(keyed(vec![NewEvent::any(org_created("c"))], "k", "h"))
+        .await
+        .unwrap();
+    assert!(!after.replayed);
+    assert_eq!(s.head(), 4);
+    drop(s);
+
+    // The default retention (a day): recorded keys stay and replay; nothing is pruned.
+    let s = env.open().await;
+    assert_eq!(
+        Options::default().idempotency_retention,
+        Duration::from_secs(86_400)
+    );
+    let kept = s
+        .append(keyed(vec![NewEvent::any(org_created("d"))], "k2", "h"))
+        .await
+        .unwrap();
+    // "k" was recorded just now, by the last append above, so it is live again.
+    assert!(
+        s.append(keyed(vec![NewEvent::any(org_created("x"))], "k", "h"))
+            .await
+            .unwrap()
+            .replayed
+    );
+    assert_eq!(s.prune_idempotency().await.unwrap(), 0);
+    let replay = s
+        .append(keyed(vec![NewEvent::any(org_created("d"))], "k2", "h"))
+        .await
+        .unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.events, kept.events);
+    assert!(matches!(
+        s.append(keyed(vec![NewEvent::any(org_created("d"))], "k2", "z"))
+            .await
+            .unwrap_err(),
+        StoreError::IdempotencyConflict { .. }
+    ));
+    assert_contiguous(&all_events(&s).await);
+}
+
+/// Log schema v2 (an index for expiring keys) applied to a store populated at v1: keys recorded
+/// before keep replaying, and the views are untouched.
+async fn idempotency_log_migration_keeps_the_keys_of_a_populated_store(env: Env) {
+    let (first, views) = {
+        let s = env.open().await;
+        populate(&s).await;
+        let first = s
+            .append(keyed(vec![NewEvent::any(org_created("a"))], "old", "h"))
+            .await
+            .unwrap();
+        (first, s.view_checksums().await.unwrap())
+    };
+    // What a build at log schema v1 left: no index on the keys' age.
+    env.exec(
+        "DROP INDEX idempotency_created; UPDATE kiln_schema SET version = 1 WHERE track = 'log'",
+    );
+    let s = env.open().await;
+    assert_eq!(s.view_checksums().await.unwrap(), views);
+    let again = s
+        .append(keyed(vec![NewEvent::any(org_created("a"))], "old", "h"))
+        .await
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.events, first.events);
+    assert_eq!(s.prune_idempotency().await.unwrap(), 0);
+    drop(s);
+    // Migrated once: the index exists again (dropping it succeeds).
+    env.exec("DROP INDEX idempotency_created");
+}
+
+/// Appends whose view changes hit the same rows several times in one batch (Postgres sends runs
+/// of them as one set-based statement, folding or splitting them per row): the views end as if
+/// every change had run alone, which a rebuild (one statement per change) confirms.
+async fn batched_view_changes_equal_one_by_one(env: Env) {
+    let s = env.open().await;
+    let (org, app) = populate(&s).await;
+    let release = s.releases(app.clone()).await.unwrap()[0].id.clone();
+    let host = HostId::generate();
+    let specs: Vec<WorkloadSpec> = (0..6).map(|_| spec(&app, &release)).collect();
+    let ids: Vec<InstanceId> = specs.iter().map(|s| s.instance_id.clone()).collect();
+    // Six placements in one append.
+    s.append(append(
+        specs
+            .iter()
+            .map(|spec| NewEvent {
+                event: Event::InstancePlaced {
+                    host_id: host.clone(),
+                    spec: spec.clone(),
+                },
+                expected: ExpectedVersion::NoStream,
+            })
+            .collect(),
+    ))
+    .await
+    .unwrap();
+    let state = |i: usize, state: InstanceState, reason: Option<&str>| {
+        NewEvent::any(Event::InstanceStateChanged {
+            instance_id: ids[i].clone(),
+            app_id: app.clone(),
+            state,
+            reason: reason.map(str::to_owned),
+        })
+    };
+    let stop = |i: usize, reason: &str| {
+        NewEvent::any(Event::InstanceStopRequested {
+            instance_id: ids[i].clone(),
+            app_id: app.clone(),
+            reason: reason.into(),
+        })
+    };
+    let token: TokenId = "tok_aaaaaaaaaaaaaaaaaaaa".parse().unwrap();
+    let used = |at| {
+        NewEvent::any(Event::TokenUsed {
+            token_id: token.clone(),
+            org_id: org.clone(),
+            at,
+        })
+    };
+    let released = |state: ReleaseState| {
+        NewEvent::any(Event::ReleaseStateChanged {
+            app_id: app.clone(),
+            release_id: release.clone(),
+            state,
+            reason: None,
+        })
+    };
+    // Several appends at once, so they share a batch; each changes some rows several times.
+    let batch = vec![
+        append(vec![
+            state(0, InstanceState::Starting, None),
+            state(1, InstanceState::Starting, None),
+            state(0, InstanceState::Healthy, None),
+            state(0, InstanceState::Failed, Some("exit 1")),
+            stop(0, "scale down"),
+            stop(1, "scale down"),
+            stop(0, "again"),
+        ]),
+        append(vec![
+            used(5_000),
+            used(9_000),
+            used(7_000),
+            released(ReleaseState::Failed),
+            released(ReleaseState::Healthy),
+        ]),
+        append(vec![
+            state(2, InstanceState::Healthy, Some("ok")),
+            state(3, InstanceState::Unhealthy, Some("probe")),
+            state(2, InstanceState::Unhealthy, None),
+            stop(4, "first"),
+            stop(4, "second"),
+        ]),
+    ];
+    let outcomes = futures_util::future::join_all(batch.into_iter().map(|a| s.append(a))).await;
+    for o in outcomes {
+        o.unwrap();
+    }
+    let rows: BTreeMap<InstanceId, _> = s
+        .instances_of_app(app.clone())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id.clone(), (r.state, r.reason, r.desired_running)))
+        .collect();
+    let f = |s: &str| Some(s.to_owned());
+    assert_eq!(rows[&ids[0]], (InstanceState::Failed, f("exit 1"), false));
+    assert_eq!(
+        rows[&ids[1]],
+        (InstanceState::Starting, f("scale down"), false)
+    );
+    assert_eq!(rows[&ids[2]], (InstanceState::Unhealthy, None, true));
+    assert_eq!(rows[&ids[3]], (InstanceState::Unhealthy, f("probe"), true));
+    assert_eq!(rows[&ids[4]], (InstanceState::Pending, f("second"), false));
+    assert_eq!(rows[&ids[5]], (InstanceState::Pending, None, true));
+    let tok = s.token_by_id(token).await.unwrap().unwrap();
+    assert_eq!(tok.last_used_at, Some(9_000));
+    let rel = s.release(app.clone(), 1).await.unwrap().unwrap();
+    assert_eq!(rel.state, ReleaseState::Healthy);
+    let report = s.rebuild_views(false).await.unwrap();
+    assert!(report.is_equal(), "{report:?}");
+    // No set-based statement failed (which would have sent the batch to the careful path,
+    // hiding a wrong statement behind a right answer).
+    if let Some(pg) = &env.pg {
+        let log = pg.log();
+        assert!(!log.contains("ERROR"), "{log}");
+    }
 }
 
 async fn reopen_keeps_log_and_views(env: Env) {
@@ -1464,6 +1683,62 @@ async fn postgres_appends_by_another_process_wake_subscribers() {
         .await
         .expect("NOTIFY advanced the other store's head well before its poll")
         .unwrap();
+}
+
+/// `instances` pages are kept half full (so a state change fits beside the row: a HOT update);
+/// the setting is applied at open to a store that lacks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_instances_table_keeps_room_for_updates() {
+    let env = pg_env().await;
+    let options = || {
+        env.pg
+            .as_ref()
+            .unwrap()
+            .psql(
+                "kiln",
+                "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE relname = 'instances'",
+            )
+            .unwrap()
+    };
+    drop(env.open().await);
+    assert_eq!(options(), "fillfactor=50");
+    env.exec("ALTER TABLE instances RESET (fillfactor)");
+    assert_eq!(options(), "");
+    drop(env.open().await);
+    assert_eq!(options(), "fillfactor=50");
+}
+
+/// Two processes appending to one stream in turn: each sees the other's versions (a committer
+/// remembers the versions it wrote only while no one else has appended since).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stream_versions_stay_exact_across_processes() {
+    let env = pg_env().await;
+    let a = env.open().await;
+    let b = env.open().await;
+    let host = HostId::generate();
+    let at = |expected| {
+        append(vec![NewEvent {
+            event: host_registered(&host, 1),
+            expected,
+        }])
+    };
+    let v = |r: kiln_store::Appended| r.events[0].stream_version;
+    assert_eq!(v(a.append(at(ExpectedVersion::NoStream)).await.unwrap()), 1);
+    assert_eq!(v(b.append(at(ExpectedVersion::Exact(1))).await.unwrap()), 2);
+    // `a` last wrote version 1; it must see `b`'s 2.
+    assert_eq!(v(a.append(at(ExpectedVersion::Exact(2))).await.unwrap()), 3);
+    let err = a.append(at(ExpectedVersion::Exact(2))).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::VersionConflict { actual: 3, .. }),
+        "{err:?}"
+    );
+    let err = b.append(at(ExpectedVersion::Exact(2))).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::VersionConflict { actual: 3, .. }),
+        "{err:?}"
+    );
+    assert_eq!(v(b.append(at(ExpectedVersion::Exact(3))).await.unwrap()), 4);
+    assert_eq!(v(a.append(at(ExpectedVersion::Exact(4))).await.unwrap()), 5);
 }
 
 /// Writers with idempotency keys keep appending while the server is killed and restarted; every

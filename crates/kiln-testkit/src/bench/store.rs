@@ -5,8 +5,11 @@
 //! - appends per second for 1, 8, 64 and 256 concurrent writers; every append is one
 //!   `instance_state_changed` event with an `Exact` expected version and its own idempotency
 //!   key, and each writer waits for its append before sending the next one; then events per
-//!   second for 8 writers whose appends carry 16 events each (an append is atomic, so its
-//!   events share one key);
+//!   second for 8 and 64 writers whose appends carry 16 state changes each, and 64 writers with
+//!   64 each (an append is
+//!   atomic, so its events share one key: a reconciler reporting many instances at once), and
+//!   for 64 writers whose appends each place 16 new instances (a deploy: full WorkloadSpecs,
+//!   `NoStream` expected, one key per append);
 //! - a log of 1,000,000 events (apps, releases, placements with full WorkloadSpecs, state
 //!   changes) and the time to rebuild every view from it (`rebuild_views`: replay into fresh
 //!   tables + checksums of both sides), which must find them equal;
@@ -14,7 +17,8 @@
 //!   phases through `/proc/self/clear_refs`). The Postgres server's own memory is not counted.
 //!
 //! Ends with `backend=<name> appends_per_sec=<n>` for each backend (the 8-writer figure).
-//! `KILN_BENCH_STORE_EVENTS` overrides the size of the rebuild log (default 1,000,000).
+//! `KILN_BENCH_STORE_EVENTS` overrides the size of the rebuild log (default 1,000,000);
+//! `KILN_BENCH_STORE_BACKENDS=postgres` (or `sqlite`) runs one backend only.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -167,6 +171,60 @@ async fn append_phase(
     Ok((total / elapsed.as_secs_f64(), elapsed))
 }
 
+/// `writers` concurrent deployers, each appending `per_writer` appends of `per_append`
+/// placements of a new release (every append with its own idempotency key).
+async fn deploy_phase(
+    store: &Store,
+    writers: usize,
+    per_writer: usize,
+    per_append: usize,
+) -> Result<(f64, Duration)> {
+    let host = HostId::generate();
+    reset_peak_rss();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let store = store.clone();
+        let host = host.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..per_writer {
+                let app = AppId::generate();
+                let release = ReleaseId::generate();
+                let mut events = Vec::with_capacity(per_append);
+                for _ in 0..per_append {
+                    events.push(NewEvent {
+                        event: Event::InstancePlaced {
+                            host_id: host.clone(),
+                            spec: spec(&app, &release, &InstanceId::generate())?,
+                        },
+                        expected: ExpectedVersion::NoStream,
+                    });
+                }
+                let key = format!("deploy-{w}-{n}");
+                let out = store
+                    .append(Append {
+                        events,
+                        metadata: meta(),
+                        idempotency: Some(Idempotency {
+                            scope: "bench".into(),
+                            request_hash: key.clone(),
+                            key,
+                        }),
+                    })
+                    .await?;
+                anyhow::ensure!(!out.replayed, "a fresh key was replayed");
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = start.elapsed();
+    let total = (writers * per_writer * per_append) as f64;
+    Ok((total / elapsed.as_secs_f64(), elapsed))
+}
+
 /// One app's history: 100 events.
 fn app_history(org: &OrgId, host: &HostId, n: usize) -> Result<Vec<NewEvent>> {
     let app = AppId::generate();
@@ -275,6 +333,12 @@ struct Figures {
     crowd: f64,
     /// Events per second, 8 writers, 16 events per append.
     eight_multi: f64,
+    /// Events per second, 64 writers, 16 state changes per append.
+    many_multi: f64,
+    /// Events per second, 64 writers, 64 state changes per append.
+    many_large: f64,
+    /// Events per second, 64 writers, 16 placements per append.
+    deploy: f64,
 }
 
 async fn bench_backend(
@@ -303,6 +367,16 @@ async fn bench_backend(
     let many = phase("many", 64, 500, 1).await?;
     let crowd = phase("crowd", 256, 125, 1).await?;
     let eight_multi = phase("multi", 8, 500, 16).await? * 16.0;
+    let many_multi = phase("reconcile", 64, 100, 16).await? * 16.0;
+    let many_large = phase("reconcile64", 64, 25, 64).await? * 64.0;
+    let (deploy, d) = deploy_phase(&store, 64, 40, 16).await?;
+    println!(
+        "backend={backend} phase=deploy writers=64 events_per_append=16 appends={} seconds={:.2} events_per_sec={deploy:.0} appends_per_sec={:.0} peak_rss_mib={}",
+        64 * 40,
+        d.as_secs_f64(),
+        deploy / 16.0,
+        peak_rss_mib()
+    );
     println!("== {backend}: rebuild of {events} events");
     let already = store.head() as usize;
     reset_peak_rss();
@@ -335,6 +409,9 @@ async fn bench_backend(
         many,
         crowd,
         eight_multi,
+        many_multi,
+        many_large,
+        deploy,
     })
 }
 
@@ -343,13 +420,38 @@ pub async fn run() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
+    // `KILN_BENCH_STORE_BACKENDS=postgres` (or `sqlite`) runs one backend only.
+    let only = std::env::var("KILN_BENCH_STORE_BACKENDS").unwrap_or_default();
+    let wants = |b: &str| only.is_empty() || only.split(',').any(|o| o == b);
+    let mut figures = Vec::new();
     let dir = tempfile::tempdir()?;
-    let sqlite = bench_backend(
-        "sqlite",
-        Location::Sqlite(dir.path().join("kiln.db")),
-        events,
-    )
-    .await?;
+    if wants("sqlite") {
+        figures.push(
+            bench_backend(
+                "sqlite",
+                Location::Sqlite(dir.path().join("kiln.db")),
+                events,
+            )
+            .await?,
+        );
+    }
+    if wants("postgres") {
+        figures.push(bench_postgres(events).await?);
+    }
+    println!("== summary (appends per second with one event each; events per second with 16)");
+    for f in &figures {
+        println!(
+            "backend={} writers_1={:.0} writers_8={:.0} writers_64={:.0} writers_256={:.0} writers_8_events_per_sec_16_per_append={:.0} writers_64_events_per_sec_16_per_append={:.0} writers_64_events_per_sec_64_per_append={:.0} deploy_events_per_sec={:.0}",
+            f.backend, f.one, f.eight, f.many, f.crowd, f.eight_multi, f.many_multi, f.many_large, f.deploy
+        );
+    }
+    for f in &figures {
+        println!("backend={} appends_per_sec={:.0}", f.backend, f.eight);
+    }
+    Ok(())
+}
+
+async fn bench_postgres(events: usize) -> Result<Figures> {
     // Extra server settings for experiments, e.g. `log_min_duration_statement=5`; the figures in
     // the docs use none (defaults: fsync and synchronous_commit on).
     let settings: Vec<String> = std::env::var("KILN_BENCH_PG_SETTINGS")
@@ -365,16 +467,5 @@ pub async fn run() -> Result<()> {
     if let Ok(path) = std::env::var("KILN_BENCH_PG_LOG") {
         std::fs::write(&path, pg.log())?;
     }
-    let postgres = postgres?;
-    println!("== summary (appends per second with one event each; events per second with 16)");
-    for f in [&sqlite, &postgres] {
-        println!(
-            "backend={} writers_1={:.0} writers_8={:.0} writers_64={:.0} writers_256={:.0} writers_8_events_per_sec_16_per_append={:.0}",
-            f.backend, f.one, f.eight, f.many, f.crowd, f.eight_multi
-        );
-    }
-    for f in [&sqlite, &postgres] {
-        println!("backend={} appends_per_sec={:.0}", f.backend, f.eight);
-    }
-    Ok(())
+    postgres
 }
