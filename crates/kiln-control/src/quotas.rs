@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
 use kiln_api::{OrgQuotas, QuotaLine};
-use kiln_store::{Allocation, Append, NewEvent, OrgRow, ReleaseRow};
+use kiln_store::{Allocation, AppRow, Append, NewEvent, OrgRow, ReleaseRow};
 use kiln_types::event::{Event, QuotaOverrides, ReleaseState};
 use kiln_types::{AppId, OrgId};
 
@@ -89,39 +89,71 @@ fn exceeded(what: &str, used: u64, asked: u64, limit: u64) -> ApiFailure {
     )
 }
 
-/// What an org holds now, quota by quota.
+/// What releases want: instances, their memory, and volumes (one per mount per instance slot).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Usage {
-    apps: u64,
+struct Wants {
     instances: u64,
     memory_mib: u64,
     volumes: u64,
-    ipv4_addresses: u64,
 }
 
-async fn usage(c: &Control, org: &OrgId) -> Result<Usage, ApiFailure> {
-    let apps = c.store.apps(Some(org.clone())).await?;
-    let mut u = Usage {
-        apps: apps.len() as u64,
-        ..Default::default()
+impl std::ops::AddAssign for Wants {
+    fn add_assign(&mut self, o: Wants) {
+        self.instances += o.instances;
+        self.memory_mib += o.memory_mib;
+        self.volumes += o.volumes;
+    }
+}
+
+/// What a release's manifest wants (nothing, for one that cannot be read).
+fn wants(manifest: &serde_json::Value) -> Wants {
+    let Ok(m) = serde_json::from_value::<kiln_manifest::Manifest>(manifest.clone()) else {
+        return Wants::default();
     };
-    for a in &apps {
+    let instances = u64::from(m.total_count());
+    Wants {
+        instances,
+        memory_mib: instances.saturating_mul(m.vm.memory.0),
+        volumes: m
+            .processes
+            .iter()
+            .map(|p| u64::from(m.desired_count(p)) * m.mount_specs(&p.name).len() as u64)
+            .sum(),
+    }
+}
+
+/// The release that runs (or is about to) for an app: its newest deploying or healthy one.
+fn current(releases: &[ReleaseRow]) -> Option<&ReleaseRow> {
+    releases
+        .iter()
+        .filter(|r| matches!(r.state, ReleaseState::Deploying | ReleaseState::Healthy))
+        .max_by_key(|r| r.version)
+}
+
+/// What the current releases of `apps` want, leaving out `except`'s.
+async fn releases_want(
+    c: &Control,
+    apps: &[AppRow],
+    except: Option<&AppId>,
+) -> Result<Wants, ApiFailure> {
+    let mut w = Wants::default();
+    for a in apps.iter().filter(|a| Some(&a.id) != except) {
         if let Some(r) = current(&c.store.releases(a.id.clone()).await?) {
-            let (n, m) = wants(&r.manifest);
-            u.instances += n;
-            u.memory_mib += m;
-            u.volumes += volumes_wanted(&r.manifest);
+            w += wants(&r.manifest);
         }
     }
+    Ok(w)
+}
+
+/// The dedicated IPv4 addresses `apps` hold.
+async fn ipv4_used(c: &Control, apps: &[AppRow]) -> Result<u64, ApiFailure> {
     let ids: std::collections::BTreeSet<&AppId> = apps.iter().map(|a| &a.id).collect();
-    u.ipv4_addresses = c
-        .store
+    Ok(c.store
         .allocations()
         .await?
         .into_iter()
         .filter(|a| ids.contains(&a.app_id) && matches!(a.allocation, Allocation::DedicatedIpv4(_)))
-        .count() as u64;
-    Ok(u)
+        .count() as u64)
 }
 
 /// Refuses an app beyond the org's apps quota.
@@ -134,91 +166,44 @@ pub(crate) async fn check_new_app(c: &Control, org: &OrgId) -> Result<(), ApiFai
     Ok(())
 }
 
-/// Instances and memory a release's manifest wants.
-fn wants(manifest: &serde_json::Value) -> (u64, u64) {
-    match serde_json::from_value::<kiln_manifest::Manifest>(manifest.clone()) {
-        Ok(m) => {
-            let n = u64::from(m.total_count());
-            (n, n.saturating_mul(m.vm.memory.0))
-        }
-        Err(_) => (0, 0),
-    }
-}
-
-/// Volumes a release's manifest wants: each instance slot of a group has one per mount of the
-/// group.
-fn volumes_wanted(manifest: &serde_json::Value) -> u64 {
-    match serde_json::from_value::<kiln_manifest::Manifest>(manifest.clone()) {
-        Ok(m) => m
-            .processes
-            .iter()
-            .map(|p| u64::from(m.desired_count(p)) * m.mount_specs(&p.name).len() as u64)
-            .sum(),
-        Err(_) => 0,
-    }
-}
-
-/// The release that runs (or is about to) for an app: its newest deploying or healthy one.
-fn current(releases: &[ReleaseRow]) -> Option<&ReleaseRow> {
-    releases
-        .iter()
-        .filter(|r| matches!(r.state, ReleaseState::Deploying | ReleaseState::Healthy))
-        .max_by_key(|r| r.version)
-}
-
-/// Refuses a release of `app` whose manifest would take the org past its instance or memory
-/// quota (the app's current release is replaced by this one in the count).
+/// Refuses a release of `app` whose manifest would take the org past its instance, memory or
+/// volume quota (the app's current release is replaced by this one in the count).
 pub(crate) async fn check_release(
     c: &Control,
     org: &OrgId,
     app: &AppId,
     manifest: &serde_json::Value,
 ) -> Result<(), ApiFailure> {
-    let (mut instances, mut memory, mut volumes) = (0u64, 0u64, 0u64);
-    for a in c.store.apps(Some(org.clone())).await? {
-        if &a.id == app {
-            continue;
-        }
-        if let Some(r) = current(&c.store.releases(a.id.clone()).await?) {
-            let (n, m) = wants(&r.manifest);
-            instances += n;
-            memory += m;
-            volumes += volumes_wanted(&r.manifest);
-        }
-    }
-    let (n, m) = wants(manifest);
+    let apps = c.store.apps(Some(org.clone())).await?;
+    let used = releases_want(c, &apps, Some(app)).await?;
+    let asked = wants(manifest);
     let q = limits(c, org).await?;
-    if instances + n > q.instances {
-        return Err(exceeded("instances", instances, n, q.instances));
+    if used.instances + asked.instances > q.instances {
+        return Err(exceeded(
+            "instances",
+            used.instances,
+            asked.instances,
+            q.instances,
+        ));
     }
-    if memory + m > q.memory_mib {
-        return Err(exceeded("memory (MiB)", memory, m, q.memory_mib));
+    if used.memory_mib + asked.memory_mib > q.memory_mib {
+        return Err(exceeded(
+            "memory (MiB)",
+            used.memory_mib,
+            asked.memory_mib,
+            q.memory_mib,
+        ));
     }
-    let v = volumes_wanted(manifest);
-    if volumes + v > q.volumes {
-        return Err(exceeded("volumes", volumes, v, q.volumes));
+    if used.volumes + asked.volumes > q.volumes {
+        return Err(exceeded("volumes", used.volumes, asked.volumes, q.volumes));
     }
     Ok(())
 }
 
 /// Refuses a dedicated IPv4 beyond the org's quota.
 pub(crate) async fn check_ipv4(c: &Control, org: &OrgId) -> Result<(), ApiFailure> {
-    let apps: std::collections::BTreeSet<AppId> = c
-        .store
-        .apps(Some(org.clone()))
-        .await?
-        .into_iter()
-        .map(|a| a.id)
-        .collect();
-    let used = c
-        .store
-        .allocations()
-        .await?
-        .into_iter()
-        .filter(|a| {
-            apps.contains(&a.app_id) && matches!(a.allocation, Allocation::DedicatedIpv4(_))
-        })
-        .count() as u64;
+    let apps = c.store.apps(Some(org.clone())).await?;
+    let used = ipv4_used(c, &apps).await?;
     let limit = limits(c, org).await?.ipv4_addresses;
     if used + 1 > limit {
         return Err(exceeded("dedicated IPv4 addresses", used, 1, limit));
@@ -226,7 +211,7 @@ pub(crate) async fn check_ipv4(c: &Control, org: &OrgId) -> Result<(), ApiFailur
     Ok(())
 }
 
-fn report(org: &OrgRow, q: Quotas, u: Usage) -> OrgQuotas {
+fn report(org: &OrgRow, q: Quotas, apps: u64, w: Wants, ipv4: u64) -> OrgQuotas {
     let o = &org.quotas;
     let line = |name: &str, limit: u64, used: Option<u64>, set: Option<u64>| QuotaLine {
         name: name.to_owned(),
@@ -237,14 +222,14 @@ fn report(org: &OrgRow, q: Quotas, u: Usage) -> OrgQuotas {
     OrgQuotas {
         org: org.name.clone(),
         quotas: vec![
-            line("apps", q.apps, Some(u.apps), o.apps),
-            line("instances", q.instances, Some(u.instances), o.instances),
-            line("memory_mib", q.memory_mib, Some(u.memory_mib), o.memory_mib),
-            line("volumes", q.volumes, Some(u.volumes), o.volumes),
+            line("apps", q.apps, Some(apps), o.apps),
+            line("instances", q.instances, Some(w.instances), o.instances),
+            line("memory_mib", q.memory_mib, Some(w.memory_mib), o.memory_mib),
+            line("volumes", q.volumes, Some(w.volumes), o.volumes),
             line(
                 "ipv4_addresses",
                 q.ipv4_addresses,
-                Some(u.ipv4_addresses),
+                Some(ipv4),
                 o.ipv4_addresses,
             ),
         ],
@@ -254,8 +239,10 @@ fn report(org: &OrgRow, q: Quotas, u: Usage) -> OrgQuotas {
 
 async fn org_report(c: &Control, org: &OrgRow) -> ApiResult<OrgQuotas> {
     let q = c.config.quotas.with(&org.quotas);
-    let u = usage(c, &org.id).await?;
-    Ok(report(org, q, u))
+    let apps = c.store.apps(Some(org.id.clone())).await?;
+    let w = releases_want(c, &apps, None).await?;
+    let ipv4 = ipv4_used(c, &apps).await?;
+    Ok(report(org, q, apps.len() as u64, w, ipv4))
 }
 
 /// An org by name or id, for the operator's routes; anything else answers 404.

@@ -165,6 +165,7 @@ impl Reconciler {
             capacity,
             next_ordinal,
             hosts: &hosts,
+            host_region: hosts.iter().map(|h| (&h.id, h.region.as_str())).collect(),
             shared_ports: &shared_ports,
             host_state: &host_state,
             wants: Vec::new(),
@@ -402,6 +403,8 @@ struct Plan<'a> {
     capacity: Inventory,
     next_ordinal: BTreeMap<HostId, u64>,
     hosts: &'a [kiln_store::HostRow],
+    /// Each host's region, looked up per instance.
+    host_region: BTreeMap<&'a HostId, &'a str>,
     /// Public ports owned on the shared addresses, by app.
     shared_ports: &'a [(AppId, u16)],
     host_state: &'a BTreeMap<HostId, HostState>,
@@ -422,16 +425,21 @@ fn old_kept_while_deploying(manifest: &serde_json::Value) -> bool {
     ) && manifest["mounts"].as_array().is_none_or(|m| m.is_empty())
 }
 
+/// The region of `host` (`local` for a host the views do not know).
+fn region_in<'a>(regions: &BTreeMap<&'a HostId, &'a str>, host: &HostId) -> &'a str {
+    regions
+        .get(host)
+        .copied()
+        .unwrap_or(kiln_types::event::LOCAL_REGION)
+}
+
 /// Reason given to instances lost with their host (not counted as the app's own failures).
 const HOST_DOWN_PREFIX: &str = "host ";
 
 impl<'a> Plan<'a> {
     /// The region of the host an instance is on (`local` for a host the views do not know).
     fn region_of(&self, host: &HostId) -> &'a str {
-        self.hosts
-            .iter()
-            .find(|h| h.id == *host)
-            .map_or(kiln_types::event::LOCAL_REGION, |h| h.region.as_str())
+        region_in(&self.host_region, host)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -548,16 +556,11 @@ impl<'a> Plan<'a> {
             kiln_manifest::Strategy::Bluegreen => Strategy::BlueGreen,
             kiln_manifest::Strategy::Immediate => Strategy::Immediate,
         };
-        let hosts = self.hosts;
+        let host_region = &self.host_region;
         let view = |list: &[&InstanceRow], process: &str, region: &str| -> Vec<rollout::Instance> {
             list.iter()
-                .filter(|i| i.spec.process == process)
                 .filter(|i| {
-                    hosts
-                        .iter()
-                        .find(|h| h.id == i.host_id)
-                        .map_or(kiln_types::event::LOCAL_REGION, |h| h.region.as_str())
-                        == region
+                    i.spec.process == process && region_in(host_region, &i.host_id) == region
                 })
                 .map(|i| rollout::Instance {
                     id: i.id.clone(),
